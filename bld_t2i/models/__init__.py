@@ -1,0 +1,1 @@
+"""Networks: the binary autoencoder and the denoising transformer."""

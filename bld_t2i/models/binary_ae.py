@@ -1,0 +1,373 @@
+"""The binary autoencoder (SPEC section 1).
+
+A VQGAN-family convolutional encoder maps an image to per-bit probabilities
+`p = sigmoid(logits)` on an (h, w) grid with C bits per position. Training samples the
+bits `b ~ B(p)` with the straight-through gradient `b_st = b + p - stopgrad(p)`; encoding
+a data set uses the deterministic code `b = 1[p > 0.5]` (SPEC section 6, defect 2). The
+decoder maps the bits through a bias-free linear layer to its embedding width and
+mirrors the encoder with nearest-neighbour upsampling.
+
+Blocks first, the whole model last; sizes are the literal table `AE_PRESETS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from bld_t2i.config import AutoencoderConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FINGERPRINT_FILE = "fingerprint"
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class AEArch:
+    """A fully resolved architecture: what `config.json` stores and the model is built from."""
+
+    resolution: int
+    bits: int  # C, bits per grid position
+    base_width: int
+    mults: tuple[int, ...]  # one entry per level; f = 2 ** (len(mults) - 1)
+    res_blocks: int  # ResBlocks per level (the decoder has one more, as in VQGAN)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.mults) - 1)
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.downsample
+
+
+# The authors' 256px models (f=16, 16x16 grid, base 128, mults (1,1,2,2,4)); the poster's
+# 1024px model downsamples by 32 (one more level) to a 32x32 grid (SPEC section 6, defect 4);
+# small presets for CPU runs.
+AE_PRESETS: dict[str, AEArch] = {
+    "bae256-c32": AEArch(resolution=256, bits=32, base_width=128, mults=(1, 1, 2, 2, 4), res_blocks=2),
+    "bae256-c64": AEArch(resolution=256, bits=64, base_width=128, mults=(1, 1, 2, 2, 4), res_blocks=2),
+    "bae256-c128": AEArch(resolution=256, bits=128, base_width=128, mults=(1, 1, 2, 2, 4), res_blocks=2),
+    "bae1024-f32": AEArch(resolution=1024, bits=64, base_width=128, mults=(1, 1, 2, 2, 4, 4), res_blocks=2),
+    "ae64-tiny": AEArch(resolution=64, bits=16, base_width=32, mults=(1, 2, 2, 4), res_blocks=1),
+    "ae64-f4": AEArch(resolution=64, bits=16, base_width=32, mults=(1, 2, 4), res_blocks=1),
+    "ae128-small": AEArch(resolution=128, bits=32, base_width=32, mults=(1, 2, 2, 4), res_blocks=1),
+}
+
+
+def resolve_arch(cfg: AutoencoderConfig) -> AEArch:
+    """The preset named by `cfg.preset`, with the config's non-zero overrides applied."""
+    if cfg.preset not in AE_PRESETS:
+        raise ValueError(f"autoencoder.preset: unknown preset {cfg.preset!r}; choose from {sorted(AE_PRESETS)}")
+    arch = AE_PRESETS[cfg.preset]
+    overrides = {k: getattr(cfg, k) for k in ("resolution", "bits", "base_width") if getattr(cfg, k)}
+    arch = dataclasses.replace(arch, **overrides)
+    if arch.resolution % arch.downsample:
+        raise ValueError(
+            f"autoencoder.resolution={arch.resolution} is not divisible by the preset's downsampling f={arch.downsample}"
+        )
+    return arch
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32) as in VQGAN; fewer groups when a small preset has fewer channels."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = Normalize(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = Normalize(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the grid positions."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # each (B, HW, C)
+        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # VQGAN's asymmetric pad: exact halving
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(c_in: int, c_out: int, n_blocks: int, attn: bool) -> tuple[nn.ModuleList, int]:
+    blocks = nn.ModuleList()
+    for _ in range(n_blocks):
+        blocks.append(ResBlock(c_in, c_out))
+        c_in = c_out
+        if attn:
+            blocks.append(AttnBlock(c_out))
+    return blocks, c_out
+
+
+def _middle(channels: int) -> nn.Sequential:
+    return nn.Sequential(ResBlock(channels, channels), AttnBlock(channels), ResBlock(channels, channels))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) image -> (B, c_top, H/f, W/f) features."""
+
+    def __init__(self, arch: AEArch):
+        super().__init__()
+        widths = [arch.base_width * m for m in arch.mults]
+        self.conv_in = nn.Conv2d(3, arch.base_width, 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        c = arch.base_width
+        for i, w in enumerate(widths):
+            lowest = i == len(widths) - 1
+            blocks, c = _level(c, w, arch.res_blocks, attn=lowest)
+            self.levels.append(blocks)
+            if not lowest:
+                self.downs.append(Downsample(c))
+        self.mid = _middle(c)
+        self.norm_out = Normalize(c)
+        self.out_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for i, blocks in enumerate(self.levels):
+            for block in blocks:
+                h = block(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        return F.silu(self.norm_out(self.mid(h)))
+
+
+class Decoder(nn.Module):
+    """(B, emb_width, h, w) embedded bits -> (B, 3, h*f, w*f) image, no output activation."""
+
+    def __init__(self, arch: AEArch, emb_width: int):
+        super().__init__()
+        widths = [arch.base_width * m for m in arch.mults]
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(emb_width, c, 3, padding=1)
+        self.mid = _middle(c)
+        self.levels = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            lowest = i == len(widths) - 1
+            blocks, c = _level(c, w, arch.res_blocks + 1, attn=lowest)
+            self.levels.append(blocks)
+            if i > 0:
+                self.ups.append(Upsample(c))
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for i, blocks in enumerate(self.levels):
+            for block in blocks:
+                h = block(h)
+            if i < len(self.ups):
+                h = self.ups[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AEOutput(NamedTuple):
+    recon: torch.Tensor  # (B, 3, H, W)
+    probs: torch.Tensor  # (B, C, h, w) p = sigmoid(logits)
+    bits: torch.Tensor  # (B, C, h, w) sampled 0/1 with the straight-through gradient
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class BinaryAutoencoder(nn.Module):
+    def __init__(self, arch: AEArch):
+        super().__init__()
+        self.arch = arch
+        self.encoder = Encoder(arch)
+        self.to_logits = nn.Conv2d(self.encoder.out_channels, arch.bits, 1)  # the 1x1 head to C bits
+        emb_width = arch.base_width * arch.mults[-1]
+        self.bit_embed = nn.Linear(arch.bits, emb_width, bias=False)  # bias-free C -> emb map
+        self.decoder = Decoder(arch, emb_width)
+
+    @classmethod
+    def from_config(cls, cfg: AutoencoderConfig) -> "BinaryAutoencoder":
+        return cls(resolve_arch(cfg))
+
+    # -- shapes
+
+    @property
+    def resolution(self) -> int:
+        return self.arch.resolution
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of the code of one image at the native resolution."""
+        return (self.arch.grid, self.arch.grid, self.arch.bits)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where the adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
+
+    # -- the three steps of SPEC section 1
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.arch.downsample
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"images must be (B, 3, H, W) with H, W divisible by {f}; got {tuple(images.shape)}")
+
+    def bit_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> p = sigmoid(logits), (B, C, H/f, W/f)."""
+        self._check_images(images)
+        return torch.sigmoid(self.to_logits(self.encoder(images)))
+
+    def decode_channels_first(self, bits: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) 0/1 (float, may carry gradients) -> (B, 3, H, W)."""
+        z = self.bit_embed(bits.movedim(1, -1)).movedim(-1, 1)  # (B, emb, h, w)
+        return self.decoder(z)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> AEOutput:
+        """Training pass: b ~ B(p), b_st = b + p - stopgrad(p), then decode b_st."""
+        p = self.bit_probs(images)
+        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+        b = (u < p).to(p.dtype)
+        b_st = b + p - p.detach()
+        return AEOutput(recon=self.decode_channels_first(b_st), probs=p, bits=b_st)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic code 1[p > 0.5]: (B, 3, H, W) in [-1, 1] -> bool (B, h, w, C)."""
+        return (self.bit_probs(images) > 0.5).permute(0, 2, 3, 1).contiguous()
+
+    @torch.no_grad()
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        """bool/float 0/1 bits (B, h, w, C) -> images (B, 3, H, W), roughly in [-1, 1]."""
+        if bits.ndim != 4 or bits.shape[-1] != self.arch.bits:
+            raise ValueError(f"bits must be (B, h, w, {self.arch.bits}); got {tuple(bits.shape)}")
+        dtype = self.bit_embed.weight.dtype
+        return self.decode_channels_first(bits.to(dtype).permute(0, 3, 1, 2))
+
+    # -- export
+
+    def _weights_bytes(self) -> bytes:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        return save_safetensors(tensors)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights, exactly as `save_pretrained` writes them to model.safetensors."""
+        return hashlib.sha256(self._weights_bytes()).hexdigest()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write config.json, model.safetensors and fingerprint; atomic (temp folder, then rename).
+
+        Returns the fingerprint.
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        data = self._weights_bytes()
+        fingerprint = hashlib.sha256(data).hexdigest()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        (tmp / WEIGHTS_FILE).write_bytes(data)
+        (tmp / CONFIG_FILE).write_text(json.dumps({"arch": dataclasses.asdict(self.arch)}, indent=2))
+        (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        if folder.exists():  # replace an older export: move it aside first so the swap is one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+        return fingerprint
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "BinaryAutoencoder":
+        """Load an exported folder; the weights must match the fingerprint and the architecture exactly."""
+        folder = Path(folder)
+        config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / FINGERPRINT_FILE
+        for path in (config_path, weights_path, fp_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"autoencoder export is missing {path}")
+        try:
+            arch_dict = json.loads(config_path.read_text())["arch"]
+            arch_dict["mults"] = tuple(arch_dict["mults"])
+            arch = AEArch(**arch_dict)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{config_path} does not describe a binary autoencoder: {e}") from e
+        data = weights_path.read_bytes()
+        expected = fp_path.read_text().strip()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ValueError(
+                f"{weights_path} does not match {fp_path} (sha256 {actual[:16]}... != {expected[:16]}...): "
+                "the weights file is truncated or was changed after export"
+            )
+        try:
+            state = load_safetensors(data)
+        except SafetensorError as e:
+            raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        model = cls(arch)
+        check_state_dict(model, state, weights_path)
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise a clear error naming `source` unless `state` fits `model` exactly (no partial loads)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not fit the architecture: {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(mismatched)} of another shape {mismatched[:3]}"
+        )
