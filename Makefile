@@ -1,0 +1,49 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+# Set-up is idempotent: each step leaves a stamp and is skipped when its inputs are unchanged.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# DeepSpeed JIT-compiles a CPU shared-memory op on first use (~50 s); keep it in a stable cache.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/bld_t2i/torch_extensions
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# Debian packages the tests and the demo use: a real local SLURM cluster, real emoji and
+# Fashion-MNIST images, and Chromium to render the evaluation report.
+SYSTEM_PACKAGES := munge slurmctld slurmd slurm-client fonts-noto-color-emoji dataset-fashion-mnist chromium unicode-data
+
+.PHONY: setup system-deps test demo bench clean
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "[setup] installing system packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@echo "[setup] installing torch, DeepSpeed and bld_t2i into $(VENV)"
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch torchvision
+	# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT on first use.
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
+	$(PIP) install -q -e ".[test,metrics]"
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m bld_t2i.demo
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs/ .pytest_cache

