@@ -279,7 +279,7 @@ class BinaryAutoencoder(nn.Module):
         p = self.bit_probs(images)
         u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
         b = (u < p).to(p.dtype)
-        b_st = b + p - p.detach()
+        b_st = b + (p - p.detach())  # the value is exactly b; the gradient is that of p
         return AEOutput(recon=self.decode_channels_first(b_st), probs=p, bits=b_st)
 
     @torch.no_grad()
