@@ -76,15 +76,20 @@ class AutoencoderConfig:
 
 @dataclass
 class AELossConfig:
+    """Autoencoder losses (SPEC section 1) and the AE trainer's held-out evaluation."""
+
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
-    lpips_path: str = ""  # local LPIPS/VGG weights; empty: perceptual loss off
-    disc_weight: float = 0.8
+    lpips_path: str = ""  # folder with vgg16-397923af.pth and LPIPS vgg.pth; empty: perceptual loss off
+    disc_weight: float = 0.8  # 0: no discriminator
     disc_start_samples: int = 0  # adversarial loss starts after this many samples
     disc_layers: int = 3
+    disc_width: int = 64
     disc_lr_mult: float = 1.0
     bit_balance_weight: float = 0.0  # pushes each bit channel's mean towards 1/2
     max_adaptive_weight: float = 1.0
+    eval_samples: int = 256  # held-out images (data.eval_shards) for PSNR/SSIM/dead bits
+    grid_images: int = 8  # images per reconstruction grid
 
 
 @dataclass
