@@ -1,0 +1,125 @@
+"""slurm/*.sh on a real two-node SLURM cluster on 127.0.0.1 (tests/slurm_cluster.py).
+
+The signal-path test runs a few-line Python rank through slurm/common.sh; the others run the
+real entry points on tiny recipes, submitted with `sbatch` as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import slurm_available, slurm_cluster
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "slurm"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not slurm_available(), reason="SLURM daemons not installed (make system-deps)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def write_env_file(folder: Path, extra: str = "") -> Path:
+    """The test cluster's env file: this interpreter's virtual environment, logs in `folder`."""
+    env = folder / "env.sh"
+    env.write_text(
+        f"source {Path(sys.prefix) / 'bin' / 'activate'}\n"
+        f"export BLD_LOG_DIR={folder / 'logs'}\n"
+        f"{extra}"
+    )
+    return env
+
+
+def read_log(folder: Path, pattern: str) -> str:
+    files = sorted((folder / "logs").glob(pattern))
+    assert files, f"no log {pattern} in {folder / 'logs'}: {os.listdir(folder / 'logs')}"
+    return "\n".join(f"=== {p.name}\n{p.read_text()}" for p in files)
+
+
+def wait_for_text(path_glob: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in p.read_text(errors="replace") for p in path_glob.parent.glob(path_glob.name)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"'{text}' did not appear in {path_glob} within {timeout:.0f} s")
+
+
+# A stand-in rank: reports its rendezvous variables, counts the signals it receives, and
+# "checkpoints" its step so that a requeued run resumes from it.
+STANDIN_RANK = '''
+import json, os, signal, sys, time
+from pathlib import Path
+
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda num, frame: got.append(signal.Signals(num).name))
+out = Path(sys.argv[1])
+rank = int(os.environ["RANK"])
+state = out / f"rank{rank}.json"
+step = json.loads(state.read_text())["step"] if state.exists() else 0
+env = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+print("env", json.dumps(env), "resume", step, flush=True)
+(out / f"started{rank}").touch()
+while step < int(sys.argv[2]) and not got:
+    time.sleep(0.05)
+    step += 1
+time.sleep(0.5)  # a late duplicate of the signal would show up in `got`
+state.write_text(json.dumps({"step": step}))
+print("exit at step", step, "signals", ",".join(got) or "none", flush=True)
+'''
+
+
+def test_batch_shell_signal_reaches_every_rank_and_requeues(cluster, tmp_path):
+    """USR1 to the batch shell only (what `--signal=B:USR1@N` does before the time limit)
+    reaches each rank exactly once through srun; the job requeues itself and resumes."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "standin_rank.py").write_text(STANDIN_RANK)
+    env_file = write_env_file(tmp_path, f"export PYTHONPATH={tmp_path}\n")
+    job_script = tmp_path / "job.sh"
+    job_script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        source {SLURM / 'common.sh'}
+        bld_run_distributed standin_rank {tmp_path} 60
+        """))
+    job = cluster.sbatch(
+        ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--requeue", "--open-mode=append",
+         f"--output={tmp_path / 'logs' / '%x-%j.out'}", "--job-name=standin", str(job_script)],
+        env={"BLD_ENV_FILE": str(env_file)}, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"started{r}").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline, read_log(tmp_path, "*") + cluster.daemon_logs()
+        time.sleep(0.1)
+    cluster.scancel("--signal=USR1", "--batch", job)
+
+    (record,) = cluster.wait(job, timeout=60, states={"COMPLETED", "FAILED", "CANCELLED"})
+    logs = read_log(tmp_path, "*")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{logs}"
+
+    first = read_log(tmp_path, f"standin-{job}-restart0.log")
+    for rank in (0, 1):
+        env = re.search(rf"^{rank}: env (\{{.*\}})", first, re.M)
+        assert env, first
+        assert f'"RANK": "{rank}"' in env[1] and '"WORLD_SIZE": "2"' in env[1] and '"LOCAL_RANK": "0"' in env[1]
+        assert '"MASTER_ADDR": "n1"' in env[1], env[1]
+        stopped = re.search(rf"^{rank}: exit at step (\d+) signals (\S+)", first, re.M)
+        assert stopped and stopped[2] == "SIGUSR1", f"rank {rank} should see SIGUSR1 exactly once:\n{first}"
+        assert 0 < int(stopped[1]) < 60
+        second = read_log(tmp_path, f"standin-{job}-restart1.log")
+        assert re.search(rf"^{rank}: env .* resume {stopped[1]}$", second, re.M), second
+        assert re.search(rf"^{rank}: exit at step 60 signals none", second, re.M), second
+    assert "requeueing job" in read_log(tmp_path, f"standin-{job}.out")
