@@ -1,0 +1,1 @@
+"""Data: image-caption shards and bit-packed latent shards, streamed and resumable."""

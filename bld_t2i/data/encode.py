@@ -1,0 +1,150 @@
+"""Offline encoding of image shards to bit-packed latent shards (data_tools/encode_latents.py).
+
+One latent shard per input shard: input ``i`` of the expanded URL list becomes
+``latents-{i:06d}.tar``. Rank ``r`` of ``n`` encodes the inputs with ``i % n == r``. A
+shard is written to a temp name and published atomically, then its manifest entry
+``_parts/latents-{i:06d}.json``; an entry marks the shard done, so a rerun after a kill
+at any moment skips finished shards and redoes the rest - every sample exactly once.
+Whichever rank finds every entry present merges them into ``manifest.json`` (the same
+content from any rank, published atomically), so concurrent ranks never write one file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from bld_t2i.data.images import ImageDecoder, images_to_tensor
+from bld_t2i.data.latents import (BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits,
+                                  read_manifest)
+from bld_t2i.data.shards import (ShardError, TarShardWriter, exists, expand_urls, iter_samples, join, open_shard,
+                                 read_bytes, write_bytes_atomic)
+from bld_t2i.data.stream import SkipSample
+
+log = logging.getLogger("bld_t2i.data")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shard_name(i: int) -> str:
+    return f"latents-{i:06d}.tar"
+
+
+def part_url(out: str, i: int) -> str:
+    return join(join(out, PARTS), shard_name(i).replace(".tar", ".json"))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class Encoder:
+    """The frozen autoencoder (and optional text encoder) applied to batches of samples."""
+
+    def __init__(self, ae, device: torch.device, dtype: str, text_encoder=None):
+        self.ae = ae.to(device).eval()
+        self.device = device
+        self.autocast = torch.autocast(device.type, DTYPES[dtype]) if dtype != "fp32" else nullcontext()
+        self.text_encoder = text_encoder
+
+    def bits(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """(H, W, 3) uint8 images -> (B, nbytes) packed codes."""
+        with torch.no_grad(), self.autocast:
+            codes = self.ae.encode(images_to_tensor(arrays).to(self.device))  # (B, h, w, C) bool
+        return pack_bits(codes.cpu().numpy())
+
+    def embeddings(self, captions: list[str]) -> list[np.ndarray]:
+        """Per caption (N_i, D) float16, trimmed to its real tokens."""
+        out = self.text_encoder.encode(captions)
+        tokens, mask = out["tokens"].float().cpu(), out["mask"].cpu()  # (B, N, D), (B, N)
+        return [t[m].numpy().astype(np.float16) for t, m in zip(tokens, mask)]
+
+
+def _write_batch(writer: TarShardWriter, encoder: Encoder, items: list) -> None:
+    arrays, captions, keys, labels, metas = zip(*items)
+    packed = encoder.bits(list(arrays))
+    embs = encoder.embeddings(list(captions)) if encoder.text_encoder else None
+    for j, key in enumerate(keys):
+        sample = {"__key__": key, "bits": packed[j].tobytes(), "txt": captions[j].encode(),
+                  "json": json.dumps(metas[j]).encode()}
+        if embs is not None:
+            sample["emb.npy"] = npy_bytes(embs[j])
+        writer.write(sample)
+
+
+def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder, batch_size: int) -> dict:
+    """Encode one image shard into one latent shard; returns its count and skips by reason."""
+    skipped: Counter = Counter()
+    with TarShardWriter(out_url) as writer, open_shard(url) as f:
+        items = []
+        try:
+            for raw in iter_samples(f, url):
+                try:
+                    items.append(decoder.sample(raw))
+                except SkipSample as e:
+                    skipped[e.reason] += 1
+                if len(items) == batch_size:
+                    _write_batch(writer, encoder, items)
+                    items = []
+        except ShardError as e:  # keep the samples before the break
+            skipped[e.reason] += 1
+            log.warning("%s", e)
+        if items:
+            _write_batch(writer, encoder, items)
+    return {"count": writer.count, "skipped": dict(skipped)}
+
+
+def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, batch_size: int,
+                  rank: int, world_size: int, text_encoder_config: dict | None) -> bool:
+    """Encode this rank's unfinished shards; merge the manifest if all are done.
+
+    Returns True when the manifest was written (every shard of every rank finished).
+    """
+    urls = expand_urls(spec)
+    ae = encoder.ae
+    header = {"format": FORMAT, "version": VERSION, "latent_shape": list(ae.latent_shape), "bit_order": BIT_ORDER,
+              "autoencoder_fingerprint": ae.fingerprint, "resolution": decoder.image_size, "resize": decoder.resize,
+              "source": spec, "text_encoder": text_encoder_config}
+    if exists(join(out, MANIFEST)):
+        _check_same(read_manifest(out), header, join(out, MANIFEST))
+    if encoder.text_encoder is not None and rank == 0 and not exists(join(out, NULL_EMBEDDING)):
+        write_bytes_atomic(join(out, NULL_EMBEDDING), npy_bytes(encoder.embeddings([""])[0]))
+    for i in range(rank, len(urls), world_size):
+        if exists(part_url(out, i)):
+            _check_same(json.loads(read_bytes(part_url(out, i))), header, part_url(out, i))
+            log.info("%s already encoded", shard_name(i))
+            continue
+        entry = encode_shard(urls[i], join(out, shard_name(i)), encoder, decoder, batch_size)
+        entry = {"name": shard_name(i), "source_shard": urls[i], **entry,
+                 "autoencoder_fingerprint": header["autoencoder_fingerprint"]}
+        write_bytes_atomic(part_url(out, i), json.dumps(entry).encode())
+        log.info("%s: %d samples, skipped %s", shard_name(i), entry["count"], entry["skipped"])
+    return merge_manifest(out, len(urls), header)
+
+
+def _check_same(existing: dict, header: dict, where: str) -> None:
+    if existing["autoencoder_fingerprint"] != header["autoencoder_fingerprint"]:
+        raise ValueError(f"{where} was encoded by autoencoder {existing['autoencoder_fingerprint']}, this run uses "
+                         f"{header['autoencoder_fingerprint']}: use another --out")
+
+
+def merge_manifest(out: str, num_shards: int, header: dict) -> bool:
+    parts = [part_url(out, i) for i in range(num_shards)]
+    if not all(exists(p) for p in parts):
+        return False
+    entries = [json.loads(read_bytes(p)) for p in parts]
+    skipped: Counter = Counter()
+    for e in entries:
+        skipped.update(e["skipped"])
+    shards = [{k: e[k] for k in ("name", "source_shard", "count", "skipped")} for e in entries]
+    manifest = {**header, "total": sum(e["count"] for e in entries), "skipped": dict(skipped), "shards": shards,
+                "null_embedding": NULL_EMBEDDING if header["text_encoder"] else None}
+    write_bytes_atomic(join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return True

@@ -1,0 +1,145 @@
+"""Image-caption shards: decoding to tensors, and the resumable image loader.
+
+Batches (docs/INTERFACES.md): ``image`` float (B, 3, H, W) in [-1, 1], ``caption``
+list[str], ``key`` list[str], ``label`` LongTensor (B,) (-1 when the sample has none),
+``json`` list[dict].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from bld_t2i.config import DataConfig
+from bld_t2i.data.shards import RawSample
+from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+RESIZE_MODES = ("center_crop", "pad", "stretch")
+WHITE = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha composited on white, 16/32-bit scaled to 8 bits."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    elif img.mode == "I":  # 32-bit ints: 16-bit PNGs usually open in this mode
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, WHITE)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def fit(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """Resize to (size, size): `center_crop` (shorter side to size), `pad` (longer side
+    to size, centred on white) or `stretch`."""
+    w, h = img.size
+    if mode == "stretch":
+        return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+    if mode == "center_crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0).crop((left, top, left + size, top + size))
+    if mode == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (size, size), WHITE)
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image of (size, size), EXIF orientation applied.
+
+    Raises SkipSample with reason zero_byte, corrupt_image, truncated_image or tiny.
+    """
+    if not data:
+        raise SkipSample("zero_byte")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG" and min(img.size) > 2 * size:
+                img.draft("RGB", (size, size))  # DCT-domain downscale: decode at >= size only
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except OSError as e:
+        raise SkipSample("truncated_image" if "truncated" in str(e) else "corrupt_image") from None
+    except (SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            EOFError, IndexError, TypeError):
+        raise SkipSample("corrupt_image") from None
+    if min(img.size) < min_size:
+        raise SkipSample("tiny")
+    return fit(to_rgb(img), size, resize)
+
+
+def image_member(members: dict[str, bytes]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in members:
+            return members[ext]
+    raise SkipSample("missing_image")
+
+
+def caption_and_meta(members: dict[str, bytes]) -> tuple[str, dict]:
+    """The caption (.txt) and metadata (.json) of a sample; an empty caption is missing."""
+    caption = members.get("txt", b"").decode("utf-8", "replace").strip()
+    if not caption:
+        raise SkipSample("missing_caption")
+    try:
+        meta = json.loads(members["json"]) if members.get("json") else {}
+    except ValueError:
+        raise SkipSample("corrupt_json") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("corrupt_json")
+    return caption, meta
+
+
+def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+class ImageDecoder(Decoder):
+    def __init__(self, image_size: int, resize: str, min_image_size: int):
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.image_size, self.resize, self.min_image_size = image_size, resize, min_image_size
+
+    def sample(self, raw: RawSample):
+        caption, meta = caption_and_meta(raw.members)
+        img = decode_image(image_member(raw.members), self.image_size, self.resize, self.min_image_size)
+        label = meta.get("label")
+        return np.asarray(img, dtype=np.uint8), caption, raw.key, label if isinstance(label, int) else -1, meta
+
+    def collate(self, items: list) -> dict:
+        arrays, captions, keys, labels, metas = zip(*items)
+        return {"image": images_to_tensor(list(arrays)), "caption": list(captions), "key": list(keys),
+                "label": torch.tensor(labels, dtype=torch.long), "json": list(metas)}
+
+
+def image_loader(cfg: DataConfig, seed: int, rank: int | None = None, world_size: int | None = None,
+                 finite: bool = False, shards: str | None = None) -> ShardLoader:
+    """The resumable image-caption loader of this rank (`shards` overrides cfg.shards,
+    e.g. with cfg.eval_shards)."""
+    rank, world_size = rank_and_world(rank, world_size)
+    spec = cfg.shards if shards is None else shards
+    if not spec:
+        raise ValueError("data.shards is empty: set it to the image shards' URL(s)")
+    dataset = ShardDataset(spec, ImageDecoder(cfg.image_size, cfg.resize, cfg.min_image_size), cfg.batch_size,
+                           seed, cfg.shuffle_window, rank, world_size, cfg.num_workers, finite)
+    return ShardLoader(dataset, cfg.num_workers)

@@ -1,0 +1,150 @@
+"""Bit-packed latent shards (format version 1) and the latent loader.
+
+A latent data set is a folder (local or ``s3://``) with ``manifest.json`` and tar shards
+``latents-000000.tar, ...``; see docs/data_formats.md. Per sample:
+
+- ``{key}.bits``: ``np.packbits`` of the (h, w, C) bits flattened in C order, most
+  significant bit first (numpy's default big-endian bit order), ``ceil(h*w*C / 8)`` bytes;
+- ``{key}.txt`` caption, ``{key}.json`` metadata (the image shard's, with ``label``);
+- optionally ``{key}.emb.npy``: (N, D) float16 text-encoder tokens trimmed to the
+  caption's real length.
+
+The null caption's embedding is stored once per data set (``null_emb.npy``). Batches:
+``bits`` uint8 (B, h*w, C) of 0/1, ``caption``, ``key``, ``label``, ``json`` as for
+images; with embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
+(models.text_encoders.condition_from_embeddings turns them into a condition).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+
+import numpy as np
+import torch
+
+from bld_t2i.config import LatentsConfig
+from bld_t2i.data.shards import RawSample, expand_urls, join, read_bytes
+from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
+
+FORMAT = "bld-latents"
+VERSION = 1
+BIT_ORDER = "np.packbits over the (h, w, C) bits flattened in C order, most significant bit first"
+MANIFEST = "manifest.json"
+NULL_EMBEDDING = "null_emb.npy"
+PARTS = "_parts"  # one small JSON per finished shard, merged into the manifest at the end
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """(B, h, w, C) bool -> (B, ceil(h*w*C/8)) uint8, the documented bit order."""
+    return np.packbits(bits.reshape(bits.shape[0], -1).astype(bool), axis=1)
+
+
+def unpack_bits(packed: np.ndarray, latent_shape: tuple[int, int, int]) -> np.ndarray:
+    """(B, nbytes) uint8 -> (B, h*w, C) uint8 0/1: one vectorised call for the batch."""
+    h, w, c = latent_shape
+    return np.unpackbits(packed, axis=1, count=h * w * c).reshape(packed.shape[0], h * w, c)
+
+
+def packed_size(latent_shape) -> int:
+    h, w, c = latent_shape
+    return (h * w * c + 7) // 8
+
+
+def read_manifest(folder: str) -> dict:
+    url = join(folder, MANIFEST)
+    try:
+        manifest = json.loads(read_bytes(url))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"latent manifest not found: {url} (encode_latents.py writes it when every shard is done)"
+        ) from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{url}: not a {FORMAT} v{VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
+    return manifest
+
+
+def check_manifests(spec: str, fingerprint: str, latent_shape) -> dict:
+    """Read the manifest of every folder the shard URLs live in and refuse a data set
+    encoded by another autoencoder; returns the first manifest."""
+    folders = sorted({posixpath.dirname(u) for u in expand_urls(spec)})
+    manifests = [read_manifest(f) for f in folders]
+    for folder, m in zip(folders, manifests):
+        if m["autoencoder_fingerprint"] != fingerprint:
+            raise ValueError(
+                f"latents in {folder} were encoded by autoencoder {m['autoencoder_fingerprint']}, "
+                f"but the recipe's autoencoder is {fingerprint}"
+            )
+        if tuple(m["latent_shape"]) != tuple(latent_shape):
+            raise ValueError(
+                f"latents in {folder} have shape (h, w, C) = {tuple(m['latent_shape'])}, "
+                f"but the recipe's autoencoder gives {tuple(latent_shape)}"
+            )
+        if m["bit_order"] != BIT_ORDER:
+            raise ValueError(f"latents in {folder} use bit order {m['bit_order']!r}, expected {BIT_ORDER!r}")
+    return manifests[0]
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class LatentDecoder(Decoder):
+    def __init__(self, latent_shape, use_embeddings: bool):
+        self.latent_shape = tuple(latent_shape)
+        self.nbytes = packed_size(latent_shape)
+        self.use_embeddings = use_embeddings
+
+    def sample(self, raw: RawSample):
+        m = raw.members
+        bits = m.get("bits")
+        if bits is None or len(bits) != self.nbytes:
+            raise SkipSample("corrupt_bits")
+        caption = m.get("txt", b"").decode("utf-8", "replace")
+        try:
+            meta = json.loads(m["json"]) if "json" in m else {}
+        except ValueError:
+            raise SkipSample("corrupt_json") from None
+        label = meta.get("label")
+        item = [bits, caption, raw.key, label if isinstance(label, int) else -1, meta]
+        if self.use_embeddings:
+            if "emb.npy" not in m:
+                raise SkipSample("missing_embedding")
+            item.append(load_npy(m["emb.npy"]))
+        return item
+
+    def collate(self, items: list) -> dict:
+        columns = list(zip(*items))
+        packed = np.frombuffer(b"".join(columns[0]), np.uint8).reshape(len(items), self.nbytes)
+        batch = {"bits": torch.from_numpy(unpack_bits(packed, self.latent_shape)), "caption": list(columns[1]),
+                 "key": list(columns[2]), "label": torch.tensor(columns[3], dtype=torch.long),
+                 "json": list(columns[4])}
+        if self.use_embeddings:
+            embs = columns[5]
+            n = max(e.shape[0] for e in embs)
+            emb = np.zeros((len(embs), n, embs[0].shape[1]), np.float16)
+            mask = np.zeros((len(embs), n), bool)
+            for i, e in enumerate(embs):
+                emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
+            batch.update(emb=torch.from_numpy(emb), emb_mask=torch.from_numpy(mask))
+        return batch
+
+
+def null_embedding(folder: str) -> torch.Tensor:
+    """The data set's null-caption (empty string) embedding, (N, D) float16."""
+    return torch.from_numpy(load_npy(read_bytes(join(folder, NULL_EMBEDDING))))
+
+
+def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape, rank: int | None = None,
+                  world_size: int | None = None, finite: bool = False) -> ShardLoader:
+    """The resumable latent loader of this rank. `fingerprint` and `latent_shape` are the
+    recipe's autoencoder's; shards encoded by another are refused."""
+    rank, world_size = rank_and_world(rank, world_size)
+    if not cfg.shards:
+        raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
+    check_manifests(cfg.shards, fingerprint, latent_shape)
+    dataset = ShardDataset(cfg.shards, LatentDecoder(latent_shape, cfg.use_embeddings), cfg.batch_size, seed,
+                           cfg.shuffle_window, rank, world_size, cfg.num_workers, finite)
+    return ShardLoader(dataset, cfg.num_workers)

@@ -1,0 +1,271 @@
+"""Shard files: URL expansion, a fast tar reader with byte offsets, atomic writing.
+
+Shards are WebDataset tar files, local or on object storage (``s3://``) through fsspec.
+A sample is the run of consecutive members sharing a key, the img2dataset layout
+``{key}.jpg``, ``{key}.txt``, ``{key}.json`` (WebDataset's ``base_plus_ext`` rule: the key
+is the path up to the first dot of the file name).
+
+The reader parses the 512-byte tar headers itself instead of using `tarfile`: it is
+several times faster for small members (a 2 KiB latent, a caption) and it reports the
+byte offset where every sample starts, which is what resuming without replay seeks to.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+from braceexpand import braceexpand
+
+BLOCK = 512
+_READ_CHUNK = 1 << 20  # bytes per read from the file; tar members are parsed out of it
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end; `reason` is a skip-count key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- URLs
+
+
+def expand_urls(spec: str) -> list[str]:
+    """``"a/x-{000000..000009}.tar::s3://b/y-{0..3}.tar"`` -> the list of shard URLs."""
+    urls = [url for part in spec.split("::") if part.strip() for url in braceexpand(part.strip())]
+    if not urls:
+        raise ValueError(f"no shard URLs in {spec!r}")
+    return urls
+
+
+def check_exist(urls: list[str]) -> None:
+    """Raise FileNotFoundError naming the shard URLs that do not exist.
+
+    One directory listing per parent folder, so thousands of s3:// shards cost a few
+    requests, not one per shard.
+    """
+    by_dir: dict[str, list[str]] = {}
+    for url in urls:
+        by_dir.setdefault(posixpath.dirname(url), []).append(url)
+    missing = []
+    for parent, group in by_dir.items():
+        fs, root = fsspec.core.url_to_fs(group[0])
+        try:
+            present = {posixpath.basename(p.rstrip("/")) for p in fs.ls(posixpath.dirname(root), detail=False)}
+        except FileNotFoundError:
+            present = set()
+        missing += [u for u in group if posixpath.basename(u) not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) not found: {shown}")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawSample:
+    key: str
+    members: dict[str, bytes]  # extension ("jpg", "txt", "emb.npy") -> bytes
+    url: str
+    offset: int  # byte offset of the sample's first tar header
+    end: int  # byte offset just after its last member
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _octal(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ").lstrip() or b"0", 8)
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").split("\n"):
+        _, _, kv = record.partition(" ")
+        if kv.startswith("path="):
+            return kv[5:]
+    return None
+
+
+def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, bytes]]:
+    """Yield (start, end, name, data) for each regular file of a tar stream from `offset`.
+
+    `start` is the offset of the member's first header (GNU long-name or pax headers
+    included). A short read raises ShardError("truncated_tar"), a block that is not a
+    tar header ShardError("corrupt_tar").
+    """
+    f.seek(offset)
+    buf, pos, base = b"", 0, offset  # buf[pos] is at file offset base + pos
+    long_name: str | None = None
+    start = None
+
+    def fill(n: int) -> bool:
+        nonlocal buf, pos, base
+        if len(buf) - pos >= n:
+            return True
+        base += pos
+        buf = buf[pos:] + f.read(max(_READ_CHUNK, n - (len(buf) - pos)))
+        pos = 0
+        return len(buf) >= n
+
+    while True:
+        if not fill(BLOCK):
+            if len(buf) - pos == 0 and start is None:
+                return  # a stream that ends without the two zero blocks: accepted, like tarfile
+            raise ShardError("truncated_tar", f"{url}: truncated tar header at byte {base + pos}")
+        header = buf[pos : pos + BLOCK]
+        if header == _ZERO_BLOCK:
+            return
+        if header[257:262] != b"ustar":
+            raise ShardError("corrupt_tar", f"{url}: no tar header at byte {base + pos}")
+        try:
+            size = _octal(header[124:136])
+        except ValueError:
+            raise ShardError("corrupt_tar", f"{url}: bad member size at byte {base + pos}") from None
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if start is None:
+            start = base + pos
+        if not fill(BLOCK + padded):
+            raise ShardError("truncated_tar", f"{url}: truncated member at byte {base + pos}")
+        data = buf[pos + BLOCK : pos + BLOCK + size]
+        pos += BLOCK + padded
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":  # pax extended header for the next member
+            long_name = _pax_path(data) or long_name
+        elif kind in (b"0", b"\0", b"7"):
+            if long_name is None:
+                name = header[:100].split(b"\0", 1)[0]
+                prefix = header[345:500].split(b"\0", 1)[0]
+                name = (prefix + b"/" + name if prefix else name).decode("utf-8")
+            else:
+                name = long_name
+            yield start, base + pos, name, data
+            long_name, start = None, None
+        else:  # directories, links, global pax headers: not samples
+            long_name, start = None, None
+
+
+def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
+    """Group consecutive members by key into samples (WebDataset's grouping)."""
+    current: RawSample | None = None
+    for start, end, name, data in iter_members(f, url, offset):
+        key, ext = _split_name(name)
+        if current is not None and key == current.key and ext not in current.members:
+            current.members[ext] = data
+            current.end = end
+            continue
+        if current is not None:
+            yield current
+        current = RawSample(key, {ext: data}, url, start, end)
+    if current is not None:
+        yield current
+
+
+def open_shard(url: str):
+    """Open a shard for reading; a missing one is an error that names it."""
+    try:
+        return fsspec.open(url, "rb", block_size=_READ_CHUNK).open()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard not found: {url}") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _local_tmp(url: str) -> str:
+    """A temporary file beside a local target (same filesystem: rename is atomic), or in
+    the system temp folder for a remote one."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        folder, prefix = os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}."
+    else:
+        folder, prefix = None, "bld_shard."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make published shards private
+    return tmp
+
+
+def publish(tmp: str, url: str) -> None:
+    """Move a finished local temp file to `url` atomically.
+
+    Local: `os.replace` (atomic on one filesystem). Object storage: a single PUT (or a
+    multipart upload, completed in one request) - the object appears whole or not at all.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)
+        return
+    try:
+        fs.put_file(tmp, path)
+    finally:
+        os.remove(tmp)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    tmp = _local_tmp(url)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    publish(tmp, url)
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name
+
+
+class TarShardWriter:
+    """Write one shard to a temp file and publish it to `url` on close.
+
+    Samples are dicts ``{"__key__": str, ext: bytes, ...}`` (WebDataset's TarWriter with
+    encoding off, so bytes are stored exactly). Leaving the block with an exception
+    deletes the temp file and publishes nothing.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.count = 0
+        self._tmp = _local_tmp(url)
+        self._file = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
+
+    def write(self, sample: dict) -> None:
+        self._tar.write(sample)
+        self.count += 1
+
+    def __enter__(self) -> "TarShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._tar.close()
+        self._file.close()
+        if exc_type is None:
+            publish(self._tmp, self.url)
+        else:
+            os.remove(self._tmp)
