@@ -1,6 +1,6 @@
 # Sourced by every slurm/*.sh. Loads the cluster's env file and provides the two launchers:
 #   bld_run_distributed MODULE ARGS...  one process per GPU: srun under SLURM, torchrun otherwise
-#   bld_run_single PROGRAM ARGS...      one process
+#   bld_run_tasks PROGRAM ARGS...       the job's tasks (one by default): srun under SLURM, else one process
 # Contract with the Python side (slurm/README.md): each rank gets RANK, LOCAL_RANK,
 # WORLD_SIZE, MASTER_ADDR, MASTER_PORT; on preemption it receives SIGUSR1 (SIGTERM when
 # SLURM itself ends the job), must save a checkpoint and exit 0; rerunning resumes.
@@ -32,9 +32,16 @@ bld_local_nproc() {
   fi
 }
 
-bld_run_single() {
+bld_run_tasks() {
   echo "[bld] $(date -u +%FT%TZ) on $(hostname): $*"
-  "$@"
+  if ! bld_under_slurm; then
+    "$@"
+    return
+  fi
+  # Through srun, each task sees its own SLURM_PROCID/SLURM_NTASKS (the batch shell's
+  # describe the whole allocation, not one process).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+  srun --kill-on-bad-exit=1 --label ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "$@"
 }
 
 bld_run_distributed() {

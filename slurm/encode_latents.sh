@@ -1,6 +1,7 @@
 #!/bin/bash
 # Encode image shards into bit-packed latent shards: an array job, each task takes its share
-# of the shards (data_tools/encode_latents.py splits the shard list by task index).
+# of the shards (data_tools/encode_latents.py splits the shard list by task index, and
+# again among the task's processes when --ntasks > 1).
 #
 #   sbatch --array=0-15 slurm/encode_latents.sh --shards 's3://bucket/img-{0000..0999}.tar' \
 #       --autoencoder runs/ae64/export --out s3://bucket/lat64
@@ -28,4 +29,5 @@ part=()
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
   part=(--array-index "$((SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN))" --array-count "$SLURM_ARRAY_TASK_COUNT")
 fi
-bld_run_single python "$BLD_REPO/data_tools/encode_latents.py" "$@" "${part[@]}"
+# The task's share goes first: encode_latents.py ends with positional recipe overrides.
+bld_run_tasks python "$BLD_REPO/data_tools/encode_latents.py" "${part[@]}" "$@"

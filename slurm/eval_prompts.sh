@@ -17,4 +17,4 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 [[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")"
 source "$here/common.sh"
 
-bld_run_single python -m bld_t2i.evaluate "$@"
+bld_run_tasks python -m bld_t2i.evaluate "$@"

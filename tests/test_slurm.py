@@ -123,3 +123,29 @@ def test_batch_shell_signal_reaches_every_rank_and_requeues(cluster, tmp_path):
         assert re.search(rf"^{rank}: env .* resume {stopped[1]}$", second, re.M), second
         assert re.search(rf"^{rank}: exit at step 60 signals none", second, re.M), second
     assert "requeueing job" in read_log(tmp_path, f"standin-{job}.out")
+
+
+def test_dead_rank_ends_the_job(cluster, tmp_path):
+    """One rank failing ends the job (srun --kill-on-bad-exit) instead of leaving the other
+    rank blocked, and the job reports the failure."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "crashing_rank.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.exit('rank 1: simulated crash')\n"
+        "time.sleep(120)  # rank 0 would wait for rank 1 forever in a collective\n"
+    )
+    env_file = write_env_file(tmp_path, f"export PYTHONPATH={tmp_path}\n")
+    job_script = tmp_path / "job.sh"
+    job_script.write_text(f"#!/bin/bash\nsource {SLURM / 'common.sh'}\nbld_run_distributed crashing_rank\n")
+    start = time.monotonic()
+    job = cluster.sbatch(
+        ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path / 'logs' / '%x-%j.out'}",
+         "--job-name=crash", str(job_script)],
+        env={"BLD_ENV_FILE": str(env_file)}, cwd=tmp_path,
+    )
+    (record,) = cluster.wait(job, timeout=60)
+    logs = read_log(tmp_path, "*")
+    assert record["JobState"] == "FAILED" and record["ExitCode"] != "0:0", f"{record}\n{logs}"
+    assert time.monotonic() - start < 30, logs
+    assert "simulated crash" in logs
