@@ -20,10 +20,11 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%A_%a.out
 
-# sbatch runs a copy of this script from its spool folder; the original's path is in the job record.
+# sbatch runs a copy of this script from its spool folder; the original's path is in the job
+# record (an array job's record lists every task: take the first).
 here="$(dirname "${BASH_SOURCE[0]}")"
-[[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")"
-source "$here/common.sh"
+[[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")"
+source "$here/common.sh" || exit 1
 
 part=()
 if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then

@@ -18,10 +18,11 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 
-# sbatch runs a copy of this script from its spool folder; the original's path is in the job record.
+# sbatch runs a copy of this script from its spool folder; the original's path is in the job
+# record (an array job's record lists every task: take the first).
 here="$(dirname "${BASH_SOURCE[0]}")"
-[[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")"
-source "$here/common.sh"
+[[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")"
+source "$here/common.sh" || exit 1
 
 [[ $# -ge 1 ]] || { echo "usage: $0 RECIPE [section.key=value ...]" >&2; exit 2; }
 bld_run_distributed bld_t2i.train --recipe "$1" "${@:2}"

@@ -6,9 +6,12 @@ real entry points on tiny recipes, submitted with `sbatch` as a user would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -149,3 +152,50 @@ def test_dead_rank_ends_the_job(cluster, tmp_path):
     assert record["JobState"] == "FAILED" and record["ExitCode"] != "0:0", f"{record}\n{logs}"
     assert time.monotonic() - start < 30, logs
     assert "simulated crash" in logs
+
+
+def sample_keys(tar_path: Path) -> list[str]:
+    """The sample keys of a WebDataset shard, one per sample (`key.ext` members grouped)."""
+    with tarfile.open(tar_path) as tar:
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+    return list(dict.fromkeys(n.split(".", 1)[0] for n in names))
+
+
+def test_encode_latents_array_job_encodes_every_sample_once(cluster, tmp_path):
+    """An array of 2 tasks splits 5 image shards; together they encode each sample once."""
+    from PIL import Image
+
+    from bld_t2i.config import AutoencoderConfig
+    from bld_t2i.models.binary_ae import BinaryAutoencoder
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(13):
+        Image.new("RGB", (20, 20), (19 * i, 255 - 19 * i, 7 * i)).save(images / f"img{i:02d}.png")
+        (images / f"img{i:02d}.txt").write_text(f"a square of colour {i}")
+    subprocess.run([sys.executable, str(REPO / "data_tools" / "make_shards.py"), "--source", "folder",
+                    "--input", str(images), "--out", str(tmp_path / "shards"), "--shard-size", "3"],
+                   check=True, capture_output=True)
+    shards = sorted((tmp_path / "shards").glob("shard-*.tar"))
+    assert len(shards) == 5
+    BinaryAutoencoder.from_config(AutoencoderConfig(preset="ae64-tiny", resolution=16)).save_pretrained(tmp_path / "ae")
+
+    (tmp_path / "logs").mkdir()
+    env_file = write_env_file(tmp_path)
+    job = cluster.sbatch(
+        ["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path / 'logs' / '%x-%A_%a.out'}",
+         str(SLURM / "encode_latents.sh"), "--shards", str(tmp_path / "shards" / "shard-{000000..000004}.tar"),
+         "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / "latents"), "--batch-size", "2"],
+        env={"BLD_ENV_FILE": str(env_file)}, cwd=tmp_path,
+    )
+    records = cluster.wait(job, timeout=90)
+    logs = read_log(tmp_path, "*")
+    assert [r["JobState"] for r in records] == ["COMPLETED", "COMPLETED"], f"{records}\n{logs}"
+    assert re.search(r"rank 0/2: done", logs) and re.search(r"rank 1/2: done", logs), logs
+
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["total"] == 13 and len(manifest["shards"]) == 5, manifest
+    encoded = [k for s in sorted((tmp_path / "latents").glob("latents-*.tar")) for k in sample_keys(s)]
+    source = [k for s in shards for k in sample_keys(s)]
+    assert len(source) == 13
+    assert sorted(encoded) == sorted(source), "every sample exactly once"
