@@ -49,6 +49,30 @@ def test_hf_encoder_from_a_local_folder(tmp_path):
     torch.testing.assert_close(enc.encode(CAPTIONS), tiny.encode(CAPTIONS))
 
 
+def test_open_clip_encoder_from_an_architecture_and_checkpoint(tmp_path):
+    """create_model(name, pretrained=<local file>) path; pooled equals OpenCLIP's encode_text."""
+    import json
+
+    import open_clip
+
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 16},
+        "text_cfg": {"width": 32, "heads": 2, "layers": 2},
+    }
+    (tmp_path / "bld-test-tiny-clip.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "bld-test-tiny-clip.json")
+    reference = open_clip.create_model("bld-test-tiny-clip").eval()
+    torch.save(reference.state_dict(), tmp_path / "tiny.pt")
+    cfg = TextEncoderConfig(kind="open_clip", name="bld-test-tiny-clip", checkpoint=str(tmp_path / "tiny.pt"), max_length=N)
+    enc = build_text_encoder(cfg, "cpu")
+    out = enc.encode(CAPTIONS)
+    check_condition(enc, out, len(CAPTIONS))
+    with torch.no_grad():
+        expected = reference.encode_text(open_clip.get_tokenizer("bld-test-tiny-clip")(CAPTIONS))
+    torch.testing.assert_close(out["pooled"], expected)
+
+
 def test_minilm_gives_sensible_embeddings(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (minilm_folder() / "model.safetensors").is_file()
@@ -92,5 +116,7 @@ def test_kinds_and_errors(tmp_path):
         build_text_encoder(TextEncoderConfig(kind="open_clip", name="ViT-Q-99"), "cpu")
     with pytest.raises(ValueError, match="text_encoder.max_length"):
         build_text_encoder(TextEncoderConfig(kind="open_clip", random_init=True, max_length=100), "cpu")
+    with pytest.raises(ValueError, match="text_encoder.max_length"):
+        build_text_encoder(TextEncoderConfig(kind="hf", name="minilm", max_length=100_000), "cpu")
     with pytest.raises(OSError, match="text_encoder.name"):
         build_text_encoder(TextEncoderConfig(kind="hf", name=str(tmp_path / "missing")), "cpu")

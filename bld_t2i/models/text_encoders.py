@@ -83,6 +83,8 @@ class HFTextEncoder:
     """A Hugging Face text model: tokens = last hidden state; pooled as the module docstring says."""
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int, device: torch.device | str):
+        if max_length > tokenizer.model_max_length:
+            raise ValueError(f"text_encoder.max_length {max_length} exceeds the model's {tokenizer.model_max_length} tokens")
         self.model = _freeze(model, device)
         self.tokenizer = tokenizer
         self.max_length = max_length
