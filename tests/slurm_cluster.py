@@ -32,10 +32,6 @@ DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def slurm_available() -> bool:
-    return all(Path(p).exists() for p in DAEMONS) and shutil.which("sbatch") is not None
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +65,10 @@ class SlurmCluster:
         self.gpus_per_node = gpus_per_node
         self.cpus_per_node = cpus_per_node
         self.conf = root / "slurm.conf"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Variables of an enclosing SLURM job (CI may itself run under SLURM) must not leak
+        # into this cluster's commands.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
+        self.env = {**clean, "SLURM_CONF": str(self.conf)}
         self._procs: list[tuple[str, subprocess.Popen]] = []
 
     # ------------------------------------------------------------------ set-up
@@ -136,6 +135,9 @@ class SlurmCluster:
         self._procs.append((name, proc))
 
     def start(self, timeout: float = 30.0) -> None:
+        missing = [p for p in (*DAEMONS, "sbatch", "srun", "scontrol") if shutil.which(p) is None]
+        if missing:
+            raise FileNotFoundError(f"SLURM/munge programs not found: {missing}; install them with `make system-deps`")
         self._write_config()
         key = self.root / "munge.key"
         if not key.exists():

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import slurm_available, slurm_cluster
+from bld_t2i.checkpoint import read_latest
+
+from slurm_cluster import slurm_cluster
+from t2i_fixtures import TINY_RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not slurm_available(), reason="SLURM daemons not installed (make system-deps)"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -161,31 +161,15 @@ def sample_keys(tar_path: Path) -> list[str]:
     return list(dict.fromkeys(n.split(".", 1)[0] for n in names))
 
 
-def test_encode_latents_array_job_encodes_every_sample_once(cluster, tmp_path):
+def test_encode_latents_array_job_encodes_every_sample_once(cluster, tmp_path, tiny_ae, write_image_shards):
     """An array of 2 tasks splits 5 image shards; together they encode each sample once."""
-    from PIL import Image
-
-    from bld_t2i.config import AutoencoderConfig
-    from bld_t2i.models.binary_ae import BinaryAutoencoder
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(13):
-        Image.new("RGB", (20, 20), (19 * i, 255 - 19 * i, 7 * i)).save(images / f"img{i:02d}.png")
-        (images / f"img{i:02d}.txt").write_text(f"a square of colour {i}")
-    subprocess.run([sys.executable, str(REPO / "data_tools" / "make_shards.py"), "--source", "folder",
-                    "--input", str(images), "--out", str(tmp_path / "shards"), "--shard-size", "3"],
-                   check=True, capture_output=True)
-    shards = sorted((tmp_path / "shards").glob("shard-*.tar"))
-    assert len(shards) == 5
-    BinaryAutoencoder.from_config(AutoencoderConfig(preset="ae64-tiny", resolution=16)).save_pretrained(tmp_path / "ae")
-
+    spec = write_image_shards(str(tmp_path / "images"), num_shards=5, per_shard=3)
     (tmp_path / "logs").mkdir()
     env_file = write_env_file(tmp_path)
     job = cluster.sbatch(
         ["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path / 'logs' / '%x-%A_%a.out'}",
-         str(SLURM / "encode_latents.sh"), "--shards", str(tmp_path / "shards" / "shard-{000000..000004}.tar"),
-         "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / "latents"), "--batch-size", "2"],
+         str(SLURM / "encode_latents.sh"), "--shards", spec, "--autoencoder", str(tiny_ae),
+         "--out", str(tmp_path / "latents"), "--batch-size", "2"],
         env={"BLD_ENV_FILE": str(env_file)}, cwd=tmp_path,
     )
     records = cluster.wait(job, timeout=90)
@@ -194,8 +178,91 @@ def test_encode_latents_array_job_encodes_every_sample_once(cluster, tmp_path):
     assert re.search(r"rank 0/2: done", logs) and re.search(r"rank 1/2: done", logs), logs
 
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
-    assert manifest["total"] == 13 and len(manifest["shards"]) == 5, manifest
+    assert manifest["total"] == 15 and len(manifest["shards"]) == 5, manifest
     encoded = [k for s in sorted((tmp_path / "latents").glob("latents-*.tar")) for k in sample_keys(s)]
-    source = [k for s in shards for k in sample_keys(s)]
-    assert len(source) == 13
+    source = [k for s in sorted((tmp_path / "images").glob("img-*.tar")) for k in sample_keys(s)]
+    assert len(source) == 15
     assert sorted(encoded) == sorted(source), "every sample exactly once"
+
+
+# ----------------------------------------------------------------------------- the real trainer
+
+# 2 nodes x 1 rank x 8 samples: 16 samples per step.
+TRAIN_SAMPLES = 1024
+TRAIN_STEPS = TRAIN_SAMPLES // 16
+
+
+def submit_training(cluster, folder: Path, latents: str, ae: Path, *overrides: str) -> str:
+    """`sbatch slurm/train_t2i.sh` on the tiny recipe, 2 nodes x 1 task, one (fake) GPU each."""
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    env_file = write_env_file(folder, "export OMP_NUM_THREADS=1\n")
+    return cluster.sbatch(
+        ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1",
+         f"--output={folder / 'logs' / '%x-%j.out'}", str(SLURM / "train_t2i.sh"), str(TINY_RECIPE),
+         f"run.out_dir={folder / 'run'}", f"latents.shards={latents}", f"autoencoder.path={ae}",
+         f"train.total_samples={TRAIN_SAMPLES}", "train.ckpt_every_samples=512", "train.log_every_samples=64",
+         *overrides],
+        env={"BLD_ENV_FILE": str(env_file)}, cwd=folder,
+    )
+
+
+def final_step(run: Path) -> int:
+    lines = (run / "stats.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["step"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory, tiny_latents, tiny_ae):
+    """One uninterrupted 2-node training job: (folder, job id, its scontrol record)."""
+    folder = tmp_path_factory.mktemp("train_uninterrupted")
+    job = submit_training(cluster, folder, tiny_latents, tiny_ae)
+    (record,) = cluster.wait(job, timeout=180)
+    return folder, job, record
+
+
+def test_train_t2i_two_nodes_completes(uninterrupted):
+    folder, job, record = uninterrupted
+    logs = read_log(folder, "*")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "0", f"{record}\n{logs}"
+    ranks = read_log(folder, f"bld-t2i-{job}-restart0.log")
+    assert re.search(r"^0: .*world size 2", ranks, re.M), ranks
+    assert re.search(r"^1: ", ranks, re.M), f"no line from rank 1:\n{ranks}"
+    latest = read_latest(folder / "run" / "checkpoints")
+    assert latest is not None and (latest / "model.safetensors").is_file(), logs
+    assert final_step(folder / "run") == TRAIN_STEPS
+
+
+def test_train_t2i_preempted_requeues_and_resumes(cluster, tmp_path, tiny_latents, tiny_ae, uninterrupted):
+    """`scancel --signal=USR1 --full` mid-run: checkpoint, requeue, resume, same final step."""
+    job = submit_training(cluster, tmp_path, tiny_latents, tiny_ae)
+    first_log = tmp_path / "logs" / f"bld-t2i-{job}-restart0.log"
+    wait_for_text(first_log, "[train] step", timeout=120)
+    cluster.scancel("--signal=USR1", "--full", job)
+
+    (record,) = cluster.wait(job, timeout=180, states={"COMPLETED", "FAILED", "CANCELLED"})
+    logs = read_log(tmp_path, "*")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{logs}"
+    first = first_log.read_text()
+    stopped = re.search(r"preempted by signal \d+ at step (\d+); checkpoint saved", first)
+    assert stopped and 0 < int(stopped[1]) < TRAIN_STEPS, first
+    second = read_log(tmp_path, f"bld-t2i-{job}-restart1.log")
+    assert f"resumed from step {stopped[1]}" in second, second
+    assert final_step(tmp_path / "run") == final_step(uninterrupted[0] / "run") == TRAIN_STEPS
+
+
+def test_train_t2i_without_slurm_falls_back_to_torchrun(tmp_path, tiny_latents, tiny_ae):
+    """`bash slurm/train_t2i.sh RECIPE` on a machine without SLURM: torchrun, 2 CPU ranks."""
+    env_file = write_env_file(tmp_path, "export OMP_NUM_THREADS=1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(BLD_ENV_FILE=str(env_file), BLD_NPROC="2")
+    proc = subprocess.run(
+        ["bash", str(SLURM / "train_t2i.sh"), str(TINY_RECIPE), f"run.out_dir={tmp_path / 'run'}",
+         f"latents.shards={tiny_latents}", f"autoencoder.path={tiny_ae}", "train.total_samples=64"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "torchrun with 2 local processes" in out and "world size 2" in out, out[-4000:]
+    latest = read_latest(tmp_path / "run" / "checkpoints")
+    assert latest is not None and (latest / "model.safetensors").is_file()
+    assert final_step(tmp_path / "run") == 64 // 16
