@@ -95,7 +95,7 @@ def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder
                     items = []
         except ShardError as e:  # keep the samples before the break
             skipped[e.reason] += 1
-            log.warning("%s", e)
+            log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
         if items:
             _write_batch(writer, encoder, items)
     return {"count": writer.count, "skipped": dict(skipped)}

@@ -78,7 +78,7 @@ def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Im
             img.load()
             img = ImageOps.exif_transpose(img)
     except OSError as e:
-        raise SkipSample("truncated_image" if "truncated" in str(e) else "corrupt_image") from None
+        raise SkipSample("truncated_image" if "truncated" in str(e).lower() else "corrupt_image") from None
     except (SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             EOFError, IndexError, TypeError):
         raise SkipSample("corrupt_image") from None

@@ -31,9 +31,10 @@ _ZERO_BLOCK = bytes(BLOCK)
 class ShardError(Exception):
     """A shard that cannot be read to its end; `reason` is a skip-count key."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, member: str | None = None):
         super().__init__(message)
         self.reason = reason
+        self.member = member  # the name of a member whose data is cut, when its header is whole
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -140,7 +141,8 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
         if start is None:
             start = base + pos
         if not fill(BLOCK + padded):
-            raise ShardError("truncated_tar", f"{url}: truncated member at byte {base + pos}")
+            name = long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            raise ShardError("truncated_tar", f"{url}: truncated member {name} at byte {base + pos}", name)
         data = buf[pos + BLOCK : pos + BLOCK + size]
         pos += BLOCK + padded
         kind = header[156:157]
@@ -164,15 +166,21 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
 def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
     """Group consecutive members by key into samples (WebDataset's grouping)."""
     current: RawSample | None = None
-    for start, end, name, data in iter_members(f, url, offset):
-        key, ext = _split_name(name)
-        if current is not None and key == current.key and ext not in current.members:
-            current.members[ext] = data
-            current.end = end
-            continue
-        if current is not None:
+    try:
+        for start, end, name, data in iter_members(f, url, offset):
+            key, ext = _split_name(name)
+            if current is not None and key == current.key and ext not in current.members:
+                current.members[ext] = data
+                current.end = end
+                continue
+            if current is not None:
+                yield current
+            current = RawSample(key, {ext: data}, url, start, end)
+    except ShardError as e:
+        # The sample before the break is whole when the cut member belongs to the next one.
+        if current is not None and e.member is not None and _split_name(e.member)[0] != current.key:
             yield current
-        current = RawSample(key, {ext: data}, url, start, end)
+        raise
     if current is not None:
         yield current
 

@@ -86,7 +86,7 @@ def _raw_stream(shards: list[str], pos: Position, skipped: Counter) -> Iterator[
                     yield index, sample
             except ShardError as e:
                 skipped[e.reason] += 1
-                log.warning("skipping the rest of a shard: %s", e)
+                log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
 
 
 def sample_stream(
