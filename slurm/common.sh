@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by every slurm/*.sh. Loads the cluster's env file and provides the two launchers:
 #   bld_run_distributed MODULE ARGS...  one process per GPU: srun under SLURM, torchrun otherwise
 #   bld_run_tasks PROGRAM ARGS...       the job's tasks (one by default): srun under SLURM, else one process
@@ -8,6 +9,7 @@
 set -eo pipefail
 
 BLD_SLURM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC2034  # used by the scripts that source this file (data_tools/)
 BLD_REPO="$(dirname "$BLD_SLURM_DIR")"
 
 # --- cluster specifics (modules, virtual environment, NCCL, paths): one file the user edits.
@@ -78,6 +80,7 @@ bld_run_distributed() {
   # srun (22.05) no longer takes --cpus-per-task from the allocation: pass it on.
   # Each task sets the torchrun-style variables from its own SLURM ones, then becomes python
   # (exec), so signals reach python itself.
+  # shellcheck disable=SC2016  # expanded by each task's bash, not here
   srun --kill-on-bad-exit=1 --label --output="$log" \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec python -m "$@"' \

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Cluster specifics for slurm/*.sh. Copy to slurm/env.sh (or point BLD_ENV_FILE at your copy)
 # and edit. Every slurm/*.sh sources it inside the job before starting python.
 #
