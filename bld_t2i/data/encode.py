@@ -24,7 +24,7 @@ from bld_t2i.data.images import ImageDecoder, images_to_tensor
 from bld_t2i.data.latents import (BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits,
                                   read_manifest)
 from bld_t2i.data.shards import (ShardError, TarShardWriter, exists, expand_urls, iter_samples, join, open_shard,
-                                 read_bytes, write_bytes_atomic)
+                                 read_bytes, remove_stale_temps, write_bytes_atomic)
 from bld_t2i.data.stream import SkipSample
 
 log = logging.getLogger("bld_t2i.data")
@@ -121,6 +121,7 @@ def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, 
             _check_same(json.loads(read_bytes(part_url(out, i))), header, part_url(out, i))
             log.info("%s already encoded", shard_name(i))
             continue
+        remove_stale_temps(join(out, shard_name(i)))  # only this rank writes shard i
         entry = encode_shard(urls[i], join(out, shard_name(i)), encoder, decoder, batch_size)
         entry = {"name": shard_name(i), "source_shard": urls[i], **entry,
                  "autoencoder_fingerprint": header["autoencoder_fingerprint"]}

@@ -12,6 +12,7 @@ byte offset where every sample starts, which is what resuming without replay see
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 import tempfile
@@ -209,6 +210,16 @@ def _local_tmp(url: str) -> str:
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make published shards private
     return tmp
+
+
+def remove_stale_temps(url: str) -> None:
+    """Delete temp files a killed writer of the local target `url` left behind (remote
+    targets stage in the system temp folder and leave nothing at the destination)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        folder, name = os.path.split(os.path.abspath(path))
+        for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+            os.remove(stale)
 
 
 def publish(tmp: str, url: str) -> None:
