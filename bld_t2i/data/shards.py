@@ -188,8 +188,9 @@ def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
 
 def open_shard(url: str):
     """Open a shard for reading; a missing one is an error that names it."""
+    fs, path = fsspec.core.url_to_fs(url)
     try:
-        return fsspec.open(url, "rb", block_size=_READ_CHUNK).open()
+        return fs.open(path, "rb", block_size=_READ_CHUNK)
     except FileNotFoundError:
         raise FileNotFoundError(f"shard not found: {url}") from None
 
