@@ -73,3 +73,18 @@ def write_image_shards():
 
     return write
 pytest_plugins = ["t2i_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """load_tool(name) -> the module data_tools/{name}.py (scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = os.path.join(os.path.dirname(__file__), "..", "data_tools", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -24,15 +24,6 @@ from bld_t2i.models.text_encoders import build_text_encoder
 TOOLS = os.path.join(os.path.dirname(__file__), "..", "data_tools")
 
 
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def png_bytes(size: int) -> bytes:
     import io
 
@@ -82,7 +73,7 @@ def reference_codes(ae, spec: str, batch_size: int) -> dict[str, np.ndarray]:
     return out
 
 
-def test_encode_load_unpack_equals_autoencoder(tmp_path, tiny_ae, write_image_shards):
+def test_encode_load_unpack_equals_autoencoder(tmp_path, tiny_ae, write_image_shards, load_tool):
     ae, folder = tiny_ae
     spec = write_image_shards(str(tmp_path / "img"), num_shards=2, per_shard=5, size=40)
     with TarShardWriter(str(tmp_path / "img" / "img-000002.tar")) as w:  # bad inputs are skipped, counted
@@ -120,7 +111,7 @@ def test_encode_load_unpack_equals_autoencoder(tmp_path, tiny_ae, write_image_sh
     assert os.path.isfile(os.path.join(out, "null_emb.npy"))
 
 
-def test_killed_encode_rerun_gives_every_sample_once(tmp_path, tiny_ae, write_image_shards):
+def test_killed_encode_rerun_gives_every_sample_once(tmp_path, tiny_ae, write_image_shards, load_tool):
     ae, folder = tiny_ae
     spec = write_image_shards(str(tmp_path / "img"), num_shards=12, per_shard=3, size=32)
     out = str(tmp_path / "lat")
@@ -145,7 +136,7 @@ def test_killed_encode_rerun_gives_every_sample_once(tmp_path, tiny_ae, write_im
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-def test_latents_of_another_autoencoder_are_refused(tmp_path, tiny_ae, write_image_shards):
+def test_latents_of_another_autoencoder_are_refused(tmp_path, tiny_ae, write_image_shards, load_tool):
     ae, folder = tiny_ae
     spec = write_image_shards(str(tmp_path / "img"), num_shards=1, per_shard=2, size=32)
     out = str(tmp_path / "lat")

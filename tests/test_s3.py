@@ -14,18 +14,6 @@ from bld_t2i.data.latents import latent_loader
 from bld_t2i.data.shards import read_bytes
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "data_tools")
-
-
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bucket(moto_server):
     import s3fs
@@ -35,7 +23,7 @@ def bucket(moto_server):
     return "s3://bld-test"
 
 
-def test_write_read_resume_and_encode_through_s3(bucket, tmp_path):
+def test_write_read_resume_and_encode_through_s3(bucket, tmp_path, load_tool):
     load_tool("make_shards").main(["--source", "fashion-mnist", "--size", "32", "--limit", "24", "--shard-size", "6",
                                    "--out", f"{bucket}/fm"])
     manifest = json.loads(read_bytes(f"{bucket}/fm/manifest.json"))

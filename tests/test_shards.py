@@ -181,18 +181,7 @@ def test_resume_refuses_another_layout(tmp_path, write_image_shards):
         b.load_state_dict(a.state_dict())
 
 
-def load_tool(name: str):
-    """A data_tools/ script as a module (they are scripts, not a package)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "data_tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_make_shards_sources(tmp_path):
+def test_make_shards_sources(tmp_path, load_tool):
     main = load_tool("make_shards").main
     src = tmp_path / "src"
     src.mkdir()
