@@ -104,7 +104,7 @@ class LatentDecoder(Decoder):
             raise SkipSample("corrupt_bits")
         caption = m.get("txt", b"").decode("utf-8", "replace")
         try:
-            meta = json.loads(m["json"]) if "json" in m else {}
+            meta = json.loads(m["json"].decode()) if "json" in m else {}
         except ValueError:
             raise SkipSample("corrupt_json") from None
         label = meta.get("label")
@@ -117,8 +117,9 @@ class LatentDecoder(Decoder):
 
     def collate(self, items: list) -> dict:
         columns = list(zip(*items))
-        packed = np.frombuffer(b"".join(columns[0]), np.uint8).reshape(len(items), self.nbytes)
-        batch = {"bits": torch.from_numpy(unpack_bits(packed, self.latent_shape)), "caption": list(columns[1]),
+        # Packed bits cross the worker -> trainer process boundary: 8x fewer bytes than unpacked.
+        packed = np.frombuffer(bytearray().join(columns[0]), np.uint8).reshape(len(items), self.nbytes)
+        batch = {"bits": torch.from_numpy(packed), "caption": list(columns[1]),
                  "key": list(columns[2]), "label": torch.tensor(columns[3], dtype=torch.long),
                  "json": list(columns[4])}
         if self.use_embeddings:
@@ -129,6 +130,10 @@ class LatentDecoder(Decoder):
             for i, e in enumerate(embs):
                 emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
             batch.update(emb=torch.from_numpy(emb), emb_mask=torch.from_numpy(mask))
+        return batch
+
+    def finish(self, batch: dict) -> dict:
+        batch["bits"] = torch.from_numpy(unpack_bits(batch["bits"].numpy(), self.latent_shape))
         return batch
 
 

@@ -120,13 +120,17 @@ def sample_stream(
 
 
 class Decoder:
-    """Turns raw samples into batches: `sample` raises SkipSample, `collate` stacks."""
+    """Turns raw samples into batches: `sample` raises SkipSample, `collate` stacks (both
+    in the loader worker), `finish` completes a batch in the training process."""
 
     def sample(self, raw: RawSample):
         raise NotImplementedError
 
     def collate(self, items: list) -> dict:
         raise NotImplementedError
+
+    def finish(self, batch: dict) -> dict:
+        return batch
 
 
 class ShardDataset(IterableDataset):
@@ -175,6 +179,11 @@ class ShardDataset(IterableDataset):
         return batch
 
 
+def _as_is(batch: dict) -> dict:
+    """Batches are made in the worker; DataLoader's default would walk every caption and dict."""
+    return batch
+
+
 class ShardLoader:
     """Infinite (or one-epoch) batches for this rank, with `state_dict` for exact resume."""
 
@@ -191,14 +200,14 @@ class ShardLoader:
     def __next__(self) -> dict:
         if self._iter is None:
             self._iter = iter(DataLoader(
-                self.dataset, batch_size=None, num_workers=self.num_workers,
+                self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                 prefetch_factor=4 if self.num_workers else None,
             ))
         batch = next(self._iter)
         at = batch.pop("_position")
         self._positions[str(at.pop("worker"))] = at
         self._batches += 1
-        return batch
+        return self.dataset.decoder.finish(batch)
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, summed over this rank's workers (resume included)."""
