@@ -1,0 +1,127 @@
+"""The evaluation report: one self-contained `index.html` that opens with no server.
+
+Images are linked by paths relative to the output folder, so the folder can be copied or
+opened straight from disk. Prompts are grouped by category; each prompt shows one grid
+per setting side by side, its diversity and CLIP score, and (with a neighbour search)
+every sample next to its nearest training latents with their Hamming distances.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+SETTING_COLUMNS = [("diversity", "diversity", "{:.3f}"), ("clip_score", "CLIP score", "{:.2f}"),
+                   ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"),
+                   ("generation_s_per_sample", "gen s/sample", "{:.4f}"),
+                   ("decode_s_per_sample", "decode s/sample", "{:.4f}")]
+
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.prompt { margin: 1em 0 2em; }
+.settings { display: flex; flex-wrap: wrap; gap: 1em; }
+.setting img { height: 96px; image-rendering: pixelated; }
+.setting figcaption { font-size: 0.8em; color: #555; }
+.nn { display: flex; gap: 0.3em; align-items: flex-end; margin: 0.3em 0; }
+.nn figure { margin: 0; text-align: center; font-size: 0.7em; }
+.nn .sample { border: 2px solid #36c; }
+img.thumb { width: 64px; height: 64px; image-rendering: pixelated; }
+.skipped { color: #a50; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def _metrics_table(report: dict) -> str:
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in SETTING_COLUMNS)
+    lines = [f"<table id='metrics'><tr><th>setting</th><th>steps</th><th>w</th><th>tau</th><th>images</th>{head}</tr>"]
+    for s in report["settings"]:
+        cells = "".join(f"<td>{_fmt(s.get(key), pattern)}</td>" for key, _, pattern in SETTING_COLUMNS)
+        lines.append(f"<tr><td>{_e(s['setting'])}</td><td>{s['steps']}</td><td>{s['guidance']:g}</td>"
+                     f"<td>{s['temperature']:g}</td><td>{s['images']}</td>{cells}</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _timing_table(report: dict) -> str:
+    lines = ["<table id='timing'><tr><th>steps</th><th>generation s/sample</th><th>decode s/sample</th>"
+             "<th>samples timed</th></tr>"]
+    for steps, t in sorted(report["timing_by_steps"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"<tr><td>{_e(steps)}</td><td>{t['generation_s_per_sample']:.4f}</td>"
+                     f"<td>{t['decode_s_per_sample']:.4f}</td><td>{t['samples_timed']}</td></tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _neighbour_rows(row, settings, n_images: int, neighbours: dict) -> str:
+    parts = []
+    for s in settings:
+        found = neighbours.get(s.name, {}).get(row.id)
+        if not found:
+            continue
+        parts.append(f"<h4>nearest training latents, {_e(s.name)}</h4>")
+        for i in range(n_images):
+            figs = [f"<figure class='sample'><img class='thumb' src='images/{_e(s.name)}/{_e(row.id)}/{i:03d}.png' "
+                    f"alt='sample {i}'><figcaption>sample {i}</figcaption></figure>"]
+            for n in found[i]:
+                figs.append(f"<figure><img class='thumb' src='{_e(n['image'])}' alt='{_e(n['key'])}' "
+                            f"title='{_e(n['caption'])}'><figcaption>{n['distance']}<br>{_e(n['key'])}</figcaption>"
+                            "</figure>")
+            parts.append(f"<div class='nn'>{''.join(figs)}</div>")
+    return "\n".join(parts)
+
+
+def render_report(report: dict, rows, settings, n_images: int, neighbours: dict) -> str:
+    """The report page as a string (written by the caller as out/index.html)."""
+    prompts = {p["id"]: p for p in report["prompts"]}
+    skipped = "".join(f"<li class='skipped'>{_e(k)}: skipped ({_e(v)})</li>" for k, v in report["skipped"].items())
+    body = [f"<h1>Evaluation of {_e(report['model'])}</h1>",
+            f"<p>sheet {_e(report['sheet'])}; {len(rows)} prompts x {n_images} images; seed {report['seed']}; "
+            f"{report['latent_bits']} latent bits; conditioning {_e(report['conditioning'])}</p>",
+            "<h2>Metrics</h2>", _metrics_table(report), f"<ul>{skipped}</ul>" if skipped else "",
+            "<h2>Timing (seconds per sample)</h2>", _timing_table(report)]
+    categories: dict[str, list] = {}
+    for row in rows:
+        categories.setdefault(row.category, []).append(row)
+    for category, members in categories.items():
+        body.append(f"<h2 class='category'>{_e(category)}</h2>")
+        for row in members:
+            p = prompts[row.id]
+            cells = []
+            for s in settings:
+                stats = []
+                if s.name in p["diversity"]:
+                    stats.append(f"diversity {p['diversity'][s.name]:.3f}")
+                if s.name in p["clip_score"]:
+                    stats.append(f"CLIP {p['clip_score'][s.name]:.2f}")
+                cells.append(f"<figure class='setting'><img src='grids/{_e(s.name)}/{_e(row.id)}.png' "
+                             f"alt='{_e(row.prompt)} {_e(s.name)}'><figcaption>{_e(s.name)} "
+                             f"{_e(', '.join(stats))}</figcaption></figure>")
+            body.append(f"<div class='prompt' id='p-{_e(row.id)}'><h3>{_e(row.prompt)} "
+                        f"<small>({_e(row.id)})</small></h3><div class='settings'>{''.join(cells)}</div>"
+                        f"{_neighbour_rows(row, settings, n_images, neighbours)}</div>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>BLD evaluation</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def log_wandb(out: Path, report: dict, grids: list[Path]) -> None:
+    """The metrics table and the grids to wandb, offline unless WANDB_MODE says otherwise."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project="bld_t2i", job_type="evaluate", dir=str(out),
+                     mode=os.environ.get("WANDB_MODE", "offline"), config={k: report[k] for k in ("model", "sheet", "seed")})
+    columns = list(dict.fromkeys(k for s in report["settings"] for k in s))
+    table = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in report["settings"]])
+    run.log({"metrics": table, **{f"grids/{g.parent.name}/{g.stem}": wandb.Image(str(g)) for g in grids}})
+    run.finish()

@@ -1,0 +1,300 @@
+"""Prompt-sheet evaluation: generate every (setting, prompt, image), then measure and report.
+
+Layout of the output folder:
+
+    images/{setting}/{prompt id}/{i:03d}.png   the samples, and {i:03d}.bits their packed latents
+    grids/{setting}/{prompt id}.png             one grid per prompt and setting
+    neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours)
+    timing/rank{r}.json                         generation and decode seconds per setting, per rank
+    metrics.json, metrics.csv, prompts.csv, neighbours.json, index.html
+
+A setting is (steps S, guidance w, temperature tau), named `s{S}_w{w}_t{tau}`. Image i of a
+prompt is drawn with `derive_seed(seed, prompt id, i)` (the row's own seed if it has one),
+the same in every setting, so settings compare the same noise and any image can be
+regenerated alone. Prompts are split across ranks (torchrun / srun); an image whose PNG
+exists is not generated again, and every file is written atomically and only when its
+content changes, so a rerun of a finished evaluation writes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bld_t2i import distributed as D
+from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.data.latents import pack_bits, unpack_bits
+from bld_t2i.eval import metrics as M
+from bld_t2i.eval.neighbours import Neighbour, nearest_neighbours, unpack_neighbour
+from bld_t2i.eval.report import log_wandb, render_report
+from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
+from bld_t2i.models.denoiser import TEXT_MODES
+from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
+
+
+@dataclass(frozen=True)
+class Setting:
+    steps: int
+    guidance: float
+    temperature: float
+
+    @property
+    def name(self) -> str:
+        return f"s{self.steps}_w{self.guidance:g}_t{self.temperature:g}"
+
+
+def settings_grid(steps: list[int], guidance: list[float], temperature: list[float]) -> list[Setting]:
+    return [Setting(s, w, t) for s, w, t in product(steps, guidance, temperature)]
+
+
+@dataclass
+class EvalOptions:
+    settings: list[Setting]
+    images_per_prompt: int = 4
+    seed: int = 0
+    batch_size: int = 16
+    clip_model: str = ""  # OpenCLIP architecture or local-dir:FOLDER; empty: CLIP score skipped
+    clip_checkpoint: str = ""
+    inception: str = ""  # torch-fidelity InceptionV3 weights file; empty: FID/KID skipped
+    reference: str = ""  # image shards for FID/KID
+    reference_limit: int = 10_000
+    neighbours: str = ""  # latent data set folder; empty: no nearest-neighbour search
+    neighbours_k: int = 10
+    wandb: bool = False
+    sheet: str = ""  # recorded in metrics.json
+    model: str = ""
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomic write, skipped when the file already holds exactly `data`."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_path(out: Path, setting: Setting, row: PromptRow, i: int, ext: str = "png") -> Path:
+    return out / "images" / setting.name / row.id / f"{i:03d}.{ext}"
+
+
+def grid_path(out: Path, setting: Setting, row: PromptRow) -> Path:
+    return out / "grids" / setting.name / f"{row.id}.png"
+
+
+def _condition(pipe: BLDPipeline, row: PromptRow, n: int) -> dict:
+    """The pipeline's condition arguments for n images of a row."""
+    if pipe.conditioning in TEXT_MODES:
+        return {"prompts": [row.prompt] * n}
+    if pipe.conditioning == "class":
+        try:
+            return {"class_labels": [int(row.prompt)] * n}
+        except ValueError:
+            raise SheetError(f"line {row.line}: a class-conditional model takes an integer class label as the "
+                             f"prompt, got {row.prompt!r}") from None
+    return {"n": n}  # unconditional: the row only names a group of samples
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions) -> dict:
+    """This rank's share of the images; returns {setting: {"gen_s", "decode_s", "n"}} spent now."""
+    info = D.dist_info()
+    spent: dict[str, dict] = {}
+    for setting in opts.settings:
+        for row in rows[info.rank :: info.world_size]:
+            todo = [i for i in range(opts.images_per_prompt) if not image_path(out, setting, row, i).is_file()]
+            for lo in range(0, len(todo), opts.batch_size):
+                idx = todo[lo : lo + opts.batch_size]
+                base = opts.seed if row.seed is None else row.seed
+                t0 = time.perf_counter()
+                latents = pipe.sample_latents(**_condition(pipe, row, len(idx)), steps=setting.steps,
+                                              temperature=setting.temperature, guidance=setting.guidance,
+                                              seed=[derive_seed(base, row.id, i) for i in idx])
+                t1 = time.perf_counter()
+                images = to_pil(pipe.decode(latents, opts.batch_size))
+                t2 = time.perf_counter()
+                packed = pack_bits(latents.numpy())
+                for j, i in enumerate(idx):  # bits first: a PNG on disk means the image is complete
+                    atomic_write_bytes(image_path(out, setting, row, i, "bits"), packed[j].tobytes())
+                    atomic_write_bytes(image_path(out, setting, row, i), _png_bytes(images[j]))
+                s = spent.setdefault(setting.name, {"steps": setting.steps, "gen_s": 0.0, "decode_s": 0.0, "n": 0})
+                s["gen_s"] += t1 - t0
+                s["decode_s"] += t2 - t1
+                s["n"] += len(idx)
+        D.print0(f"[evaluate] {setting.name}: rank 0 done")
+    if spent:  # add to this rank's earlier runs (a resumed evaluation times only new images)
+        path = out / "timing" / f"rank{info.rank}.json"
+        total = json.loads(path.read_text()) if path.is_file() else {}
+        for name, s in spent.items():
+            t = total.setdefault(name, {"steps": s["steps"], "gen_s": 0.0, "decode_s": 0.0, "n": 0})
+            for k in ("gen_s", "decode_s", "n"):
+                t[k] += s[k]
+        atomic_write_bytes(path, json.dumps(total, indent=1, sort_keys=True).encode())
+    return spent
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def load_latents(out: Path, setting: Setting, row: PromptRow, n: int, shape) -> np.ndarray:
+    """(n, h, w, C) uint8 0/1 latents of a prompt's images."""
+    nbytes = (int(np.prod(shape)) + 7) // 8
+    packed = []
+    for i in range(n):
+        data = image_path(out, setting, row, i, "bits").read_bytes()
+        if len(data) != nbytes:
+            raise ValueError(f"{image_path(out, setting, row, i, 'bits')}: {len(data)} bytes, expected {nbytes}")
+        packed.append(np.frombuffer(data, np.uint8))
+    return unpack_bits(np.stack(packed), shape).reshape(n, *shape)
+
+
+def _timing(out: Path, settings: list[Setting]) -> tuple[dict, dict]:
+    """Seconds per sample per setting and per step count, summed over the ranks' files."""
+    per_setting: dict[str, dict] = {}
+    for path in sorted((out / "timing").glob("rank*.json")):
+        for name, s in json.loads(path.read_text()).items():
+            t = per_setting.setdefault(name, {"steps": s["steps"], "gen_s": 0.0, "decode_s": 0.0, "n": 0})
+            for k in ("gen_s", "decode_s", "n"):
+                t[k] += s[k]
+    per_steps: dict[str, dict] = {}
+    for setting in settings:
+        s = per_setting.get(setting.name)
+        if s is None or s["n"] == 0:
+            continue
+        t = per_steps.setdefault(str(setting.steps), {"gen_s": 0.0, "decode_s": 0.0, "n": 0})
+        for k in ("gen_s", "decode_s", "n"):
+            t[k] += s[k]
+    rate = lambda s: {"generation_s_per_sample": s["gen_s"] / s["n"], "decode_s_per_sample": s["decode_s"] / s["n"],
+                      "samples_timed": s["n"]}
+    return ({k: rate(v) for k, v in per_setting.items() if v["n"]}, {k: rate(v) for k, v in per_steps.items()})
+
+
+def _decoded_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour]]) -> None:
+    """Decode each distinct neighbour latent once to neighbours/{shard}/{key}.png."""
+    shape = pipe.latent_shape
+    todo = {}
+    for ns in found:
+        for n in ns:
+            path = out / "neighbours" / Path(n.shard).stem / f"{n.key}.png"
+            if not path.is_file():
+                todo[path] = n
+    paths = list(todo)
+    for lo in range(0, len(paths), 32):
+        chunk = paths[lo : lo + 32]
+        bits = torch.from_numpy(np.stack([unpack_neighbour(todo[p], shape) for p in chunk])).bool()
+        for p, img in zip(chunk, to_pil(pipe.decode(bits))):
+            atomic_write_bytes(p, _png_bytes(img))
+
+
+def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions) -> dict:
+    """Grids, metrics, neighbours and the report (rank 0, after every rank has generated)."""
+    N = opts.images_per_prompt
+    shape = pipe.latent_shape
+    text_model = pipe.conditioning in TEXT_MODES
+    skipped: dict[str, str] = {}
+    scorer = M.clip_scorer(opts.clip_model, opts.clip_checkpoint, pipe.device) if text_model else \
+        M.Skipped("the model is not text-conditioned")
+    if isinstance(scorer, M.Skipped):
+        skipped["clip_score"] = scorer.reason
+    fidkid = M.fid_kid(opts.inception, opts.reference, pipe.autoencoder.resolution, opts.reference_limit, pipe.device)
+    if isinstance(fidkid, M.Skipped):
+        skipped["fid"] = skipped["kid"] = fidkid.reason
+    if N < 2:
+        skipped["diversity"] = "needs at least 2 images per prompt"
+
+    per_prompt = {row.id: {"id": row.id, "prompt": row.prompt, "category": row.category, "line": row.line,
+                           "diversity": {}, "clip_score": {}} for row in rows}
+    setting_rows, neighbours_out = [], {}
+    timing_setting, timing_steps = _timing(out, opts.settings)
+    for setting in opts.settings:
+        images_u8, clip_scores, latents_all = [], [], []
+        for row in rows:
+            pngs = [image_path(out, setting, row, i) for i in range(N)]
+            pil = [Image.open(p).convert("RGB") for p in pngs]
+            grid = grid_path(out, setting, row)
+            newest = max(p.stat().st_mtime_ns for p in pngs)
+            if not grid.is_file() or grid.stat().st_mtime_ns < newest:
+                atomic_write_bytes(grid, _png_bytes(make_grid(pil, columns=N)))
+            lat = load_latents(out, setting, row, N, shape)
+            latents_all.append(lat)
+            if N >= 2:
+                per_prompt[row.id]["diversity"][setting.name] = M.diversity(lat)
+            if not isinstance(scorer, M.Skipped):
+                s = scorer.score(pil, [row.prompt] * N)
+                clip_scores.append(s)
+                per_prompt[row.id]["clip_score"][setting.name] = float(s.mean())
+            if not isinstance(fidkid, M.Skipped):
+                images_u8.append(torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2))
+        entry = {"setting": setting.name, **asdict(setting), "images": N * len(rows)}
+        if N >= 2:
+            entry["diversity"] = float(np.mean([per_prompt[r.id]["diversity"][setting.name] for r in rows]))
+        if clip_scores:
+            entry["clip_score"] = float(torch.cat(clip_scores).mean())
+        if images_u8:
+            entry.update(fidkid(torch.cat(images_u8)))
+        entry.update(timing_setting.get(setting.name, {}))
+        setting_rows.append(entry)
+        if opts.neighbours:
+            found = nearest_neighbours(np.concatenate(latents_all), opts.neighbours, opts.neighbours_k)
+            _decoded_neighbours(pipe, out, found)
+            neighbours_out[setting.name] = {
+                row.id: [[{"key": n.key, "caption": n.caption, "shard": n.shard, "distance": n.distance,
+                           "image": f"neighbours/{Path(n.shard).stem}/{n.key}.png"} for n in found[r * N + i]]
+                         for i in range(N)] for r, row in enumerate(rows)}
+
+    report = {
+        "model": opts.model, "sheet": opts.sheet, "images_per_prompt": N, "seed": opts.seed,
+        "latent_bits": int(np.prod(shape)), "conditioning": pipe.conditioning,
+        "settings": setting_rows, "timing_by_steps": timing_steps, "skipped": skipped,
+        "prompts": list(per_prompt.values()),
+    }
+    write_if_changed(out / "metrics.json", json.dumps(report, indent=1).encode())
+    write_if_changed(out / "metrics.csv", _csv(setting_rows))
+    write_if_changed(out / "prompts.csv", _csv([
+        {"id": p["id"], "category": p["category"], "prompt": p["prompt"], "setting": s.name,
+         "diversity": p["diversity"].get(s.name, ""), "clip_score": p["clip_score"].get(s.name, "")}
+        for p in per_prompt.values() for s in opts.settings]))
+    if opts.neighbours:
+        write_if_changed(out / "neighbours.json", json.dumps(neighbours_out, indent=1).encode())
+    write_if_changed(out / "index.html", render_report(report, rows, opts.settings, N, neighbours_out).encode())
+    if opts.wandb:
+        log_wandb(out, report, [grid_path(out, s, r) for s in opts.settings for r in rows])
+    return report
+
+
+def _csv(records: list[dict]) -> bytes:
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue().encode()
+
+
+def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: EvalOptions) -> dict | None:
+    """Generate on every rank, then measure on rank 0. Returns the metrics on rank 0."""
+    out = Path(out)
+    if pipe.conditioning == "class":
+        for row in rows:  # fail before generating anything
+            _condition(pipe, row, 1)
+    generate(pipe, rows, out, opts)
+    D.barrier()
+    report = measure(pipe, rows, out, opts) if D.dist_info().is_main else None
+    D.barrier()
+    return report
