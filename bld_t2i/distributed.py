@@ -128,3 +128,63 @@ def all_gather_objects(obj) -> list:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+# The t2i trainer's engine, and the views of ZeRO-3-partitioned parameters it needs for
+# a sharded EMA and for consolidated exports. Kept here so no other module imports deepspeed.
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float, precision: str) -> dict:
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision must be fp32 or bf16, got {precision!r}")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**12,  # our own logging; DeepSpeed's would flood the log
+        "wall_clock_breakdown": False,
+        # AdamW from torch is a ZeRO-supported optimizer, but be explicit for other ones
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a parameter this rank holds: its ZeRO-3 partition, or the whole tensor."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+def full_from_shards(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Reassemble a full tensor from per-rank flat partitions laid out like `param`'s.
+
+    ZeRO-3 gives rank r the elements [r * n, (r + 1) * n) of the flattened parameter,
+    n = ceil(numel / world), the last one zero-padded. A collective: every rank must call.
+    """
+    if not hasattr(param, "ds_tensor"):
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, shard.contiguous())
+    return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
+
+def shard_from_full(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's partition of a full tensor (the inverse of `full_from_shards`)."""
+    if not hasattr(param, "ds_tensor"):
+        return full.reshape(param.shape)
+    n = param.ds_tensor.numel()
+    flat = torch.zeros(n * dist.get_world_size(), dtype=full.dtype, device=full.device)
+    flat[: full.numel()] = full.reshape(-1)
+    rank = dist.get_rank()
+    return flat[rank * n : (rank + 1) * n].clone()
