@@ -220,3 +220,12 @@ def test_make_shards_sources(tmp_path, load_tool):
     assert all(c.strip() for c in batch["caption"])
     assert all(meta["category"] for meta in batch["json"])
     assert (batch["image"] < 0.9).float().mean() > 0.05  # a picture, not a blank page
+
+
+def test_a_worker_whose_shards_hold_nothing_usable_errors_instead_of_hanging(tmp_path):
+    for s in range(2):
+        with TarShardWriter(str(tmp_path / f"bad-{s:06d}.tar")) as w:
+            w.write({"__key__": "zero", "png": b"", "txt": b"zero"})
+    cfg = DataConfig(shards=str(tmp_path / "bad-{000000..000001}.tar"), batch_size=2, num_workers=0)
+    with pytest.raises(RuntimeError, match=r"whole epoch .* no usable sample \(skipped: \{'zero_byte': 2\}\)"):
+        next(image_loader(cfg, seed=0))

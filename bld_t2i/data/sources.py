@@ -109,11 +109,12 @@ def _emoji_groups() -> dict[str, tuple[str, str]]:
 
 
 def _emoji_characters() -> list[str]:
-    """Single code points with the Unicode `Emoji` property (emoji-data.txt)."""
+    """Single code points shown as emoji by default: the Unicode `Emoji_Presentation`
+    property (emoji-data.txt); plain `Emoji` would add text-style digits, # and *."""
     chars = []
     for line in Path(EMOJI_DATA).read_text(encoding="utf-8").splitlines():
         fields = line.split("#")[0].split(";")
-        if len(fields) == 2 and fields[1].strip() == "Emoji":
+        if len(fields) == 2 and fields[1].strip() == "Emoji_Presentation":
             lo, _, hi = fields[0].strip().partition("..")
             chars += [chr(c) for c in range(int(lo, 16), int(hi or lo, 16) + 1)]
     return chars
@@ -132,7 +133,8 @@ def _group_of(seq: str, groups: dict[str, tuple[str, str]]) -> tuple[str, str]:
 
 def emoji_names() -> list[tuple[str, str]]:
     """(emoji, caption): every fully-qualified emoji and component of the `emoji` package,
-    and every single character with the Unicode Emoji property it does not list."""
+    and every emoji-presentation character it does not list (the regional indicator
+    letters that flags are made of), named by Unicode."""
     import emoji
 
     names = [(e, v["en"].strip(":").replace("_", " ")) for e, v in emoji.EMOJI_DATA.items()

@@ -95,6 +95,7 @@ def sample_stream(
     """The windowed-shuffled raw samples of one slot, each with the position after it.
 
     Broken shards are counted into `skipped`; positions carry no counts (the caller's).
+    An infinite stream marks each epoch's end with ``(None, start of the next epoch)``.
     """
     while True:
         shards = epoch_shards(urls, seed, pos.epoch, slot, slots)
@@ -117,6 +118,7 @@ def sample_stream(
         if finite:
             return
         pos = Position(pos.epoch + 1)
+        yield None, pos
 
 
 class Decoder:
@@ -154,15 +156,24 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
-        slot = self.rank * self.num_workers + worker
+        slot, slots = self.rank * self.num_workers + worker, self.world_size * self.num_workers
         pos = Position(**self.resume[str(worker)]) if str(worker) in self.resume else Position()
         skipped = Counter(pos.skipped)
         items, at = [], pos
-        stream = sample_stream(self.urls, self.seed, slot, self.world_size * self.num_workers,
-                               self.window, pos, self.finite, skipped)
+        # A full epoch without one usable sample would spin forever: an error instead of a hang.
+        full_epoch, used = pos == Position(pos.epoch, skipped=pos.skipped), 0
+        stream = sample_stream(self.urls, self.seed, slot, slots, self.window, pos, self.finite, skipped)
         for raw, at in stream:
+            if raw is None:
+                if full_epoch and not used:
+                    shards = epoch_shards(self.urls, self.seed, at.epoch - 1, slot, slots)
+                    raise RuntimeError(f"rank {self.rank} loader worker {worker}: a whole epoch of its shards gave "
+                                       f"no usable sample (skipped: {dict(skipped)}); shards: {shards}")
+                full_epoch, used = True, 0
+                continue
             try:
                 items.append(self.decoder.sample(raw))
+                used += 1
             except SkipSample as e:
                 if e.reason not in skipped:  # the first of each kind is logged; all are counted
                     log.warning("skipping sample %s in %s: %s (further ones counted)", raw.key, raw.url, e.reason)

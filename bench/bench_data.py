@@ -1,0 +1,145 @@
+"""Data throughput on this machine: latent loader vs raw reads vs image decoding vs encoding.
+
+    python bench/bench_data.py [--out bench/results/data_cpu.md] [--work DIR]
+
+(a) the latent loader on 16x16x64-bit latents (2 KiB packed) in the training process and
+    with 1 and 2 loader workers, against reading the same shard files' raw bytes;
+(b) the image-shard reader decoding 256px JPEG emoji to 64px and 256px tensors, in the
+    training process and with 1 and 2 workers (what training pays without pre-encoding);
+(c) encoding images to latent shards with data_tools/encode_latents.py (a random
+    ae64-tiny autoencoder at 64px on the CPU, or bae256-c64 at 256px on a GPU).
+
+Prints a Markdown table and writes it, stamped with the machine, to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from bld_t2i.config import AutoencoderConfig, DataConfig, LatentsConfig
+from bld_t2i.data.images import image_loader
+from bld_t2i.data.latents import BIT_ORDER, FORMAT, VERSION, latent_loader, pack_bits
+from bld_t2i.data.shards import TarShardWriter, join, write_bytes_atomic
+from bld_t2i.models.binary_ae import BinaryAutoencoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATENT_SHAPE = (16, 16, 64)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, Python "
+            f"{platform.python_version()}; load average at start {load} (the machine is shared)")
+
+
+def write_latents(folder: str, shards: int, per_shard: int) -> str:
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        packed = pack_bits(rng.random((per_shard, *LATENT_SHAPE)) > 0.5)
+        with TarShardWriter(join(folder, f"latents-{s:06d}.tar")) as w:
+            for i in range(per_shard):
+                w.write({"__key__": f"{s:03d}{i:06d}", "bits": packed[i].tobytes(),
+                         "txt": f"a picture of thing number {i}".encode(), "json": json.dumps({"label": i % 10}).encode()})
+    manifest = {"format": FORMAT, "version": VERSION, "latent_shape": list(LATENT_SHAPE), "bit_order": BIT_ORDER,
+                "autoencoder_fingerprint": "bench", "shards": []}
+    write_bytes_atomic(join(folder, "manifest.json"), json.dumps(manifest).encode())
+    return join(folder, f"latents-{{000000..{shards - 1:06d}}}.tar")
+
+
+def rate(loader, samples: int) -> float:
+    """Samples/s over `samples` samples, after one warm-up batch (worker start-up)."""
+    next(loader)
+    n, start = 0, time.perf_counter()
+    while n < samples:
+        n += len(next(loader)["key"])
+    return n / (time.perf_counter() - start)
+
+
+def raw_read_rate(folder: str, samples_per_file: int) -> tuple[float, float]:
+    """(MB/s, samples/s) of reading the shard files' bytes, nothing parsed."""
+    files = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    nbytes, start = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                nbytes += len(chunk)
+    dt = time.perf_counter() - start
+    return nbytes / dt / 1e6, len(files) * samples_per_file / dt
+
+
+def encode_rate(work: str, image_spec: str, images: int) -> tuple[str, float]:
+    gpu = torch.cuda.is_available()
+    preset = "bae256-c64" if gpu else "ae64-tiny"
+    torch.manual_seed(0)
+    ae = BinaryAutoencoder.from_config(AutoencoderConfig(preset=preset))
+    ae.save_pretrained(join(work, "ae"))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(REPO, "data_tools", "encode_latents.py"), "--shards", image_spec,
+                    "--autoencoder", join(work, "ae"), "--out", join(work, "encoded"), "--batch-size", "64"],
+                   check=True, stdout=subprocess.DEVNULL)
+    total = json.loads(open(join(work, "encoded/manifest.json")).read())["total"]
+    assert total == images, (total, images)
+    where = "GPU" if gpu else "CPU"
+    return f"{preset} at {ae.resolution}px on {where}, batch 64, incl. start-up", total / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "data_cpu.md"))
+    p.add_argument("--work", default="", help="scratch folder (default: a temp folder)")
+    p.add_argument("--latent-samples", type=int, default=40_000)
+    p.add_argument("--image-samples", type=int, default=1_600)
+    args = p.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="bench_data.")
+    stamp = machine()
+    rows = []
+
+    lat_spec = write_latents(join(work, "latents"), shards=4, per_shard=5_000)
+    mb_s, raw_samples_s = raw_read_rate(join(work, "latents"), 5_000)
+    rows.append(("(a) raw read of the latent shard files", "-", f"{raw_samples_s:,.0f}", f"{mb_s:,.0f} MB/s"))
+    for workers in (0, 1, 2):
+        cfg = LatentsConfig(shards=lat_spec, batch_size=256, num_workers=workers, shuffle_window=1024)
+        r = rate(latent_loader(cfg, 0, "bench", LATENT_SHAPE), args.latent_samples)
+        where = "in the training process" if workers == 0 else f"{workers} worker(s)"
+        rows.append(("(a) latent loader, 16x16x64 bits, batch 256", where, f"{r:,.0f}", "target >= 20,000"))
+
+    images = join(work, "images")
+    subprocess.run([sys.executable, os.path.join(REPO, "data_tools", "make_shards.py"), "--source", "emoji",
+                    "--size", "256", "--format", "jpg", "--limit", str(args.image_samples), "--shard-size",
+                    str(args.image_samples // 4), "--out", images], check=True, stdout=subprocess.DEVNULL)
+    img_spec = join(images, "shard-{000000..000003}.tar")
+    for size in (64, 256):
+        for workers in (0, 1, 2):
+            cfg = DataConfig(shards=img_spec, image_size=size, batch_size=32, num_workers=workers)
+            r = rate(image_loader(cfg, seed=0), args.image_samples)
+            where = "in the training process" if workers == 0 else f"{workers} worker(s)"
+            rows.append((f"(b) image reader, 256px JPEG -> {size}px tensors, batch 32", where, f"{r:,.0f}", ""))
+
+    enc_spec = join(images, "shard-000000.tar")
+    what, r = encode_rate(work, enc_spec, args.image_samples // 4)
+    rows.append((f"(c) encode_latents.py, {what}", "1 process", f"{r:,.1f}", "images/s"))
+
+    table = ["| what | where | samples/s | note |", "|---|---|---:|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join([f"# Data throughput\n\nMachine: {stamp}.\n", *table, ""])
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
