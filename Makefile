@@ -26,21 +26,24 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# pip's -q still prints one warning per missing local mirror folder on some machines: filter them.
+QUIET_PIP = 2>&1 | grep -v "is ignored: it is neither a file nor a directory"; exit $${PIPESTATUS[0]}
+
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@echo "[setup] installing torch, DeepSpeed and bld_t2i into $(VENV)"
-	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch torchvision
-	# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT on first use.
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install -q -e ".[test,metrics]"
+	@$(PIP) install -q --upgrade pip setuptools wheel $(QUIET_PIP)
+	@$(PIP) install -q torch torchvision $(QUIET_PIP)
+	@# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++ ops to JIT on first use.
+	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16" $(QUIET_PIP)
+	@$(PIP) install -q -e ".[test,metrics]" $(QUIET_PIP)
 	@touch $@
 
 test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m bld_t2i.demo
+	$(PY) data_tools/demo.py
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -62,12 +62,13 @@ def read_latest(ckpt_dir: str | Path) -> Path | None:
     return folder
 
 
-def publish(tmp_folder: Path, final_folder: Path) -> None:
-    """Rename a completed checkpoint folder into place and point `latest` at it."""
+def publish(tmp_folder: Path, final_folder: Path, point_latest: bool = True) -> None:
+    """Rename a completed folder into place (and point `latest` at it)."""
     if final_folder.exists():
         shutil.rmtree(final_folder)
     os.replace(tmp_folder, final_folder)
-    atomic_write_text(final_folder.parent / LATEST, final_folder.name)
+    if point_latest:
+        atomic_write_text(final_folder.parent / LATEST, final_folder.name)
 
 
 def rotate(ckpt_dir: str | Path, keep: int) -> None:
@@ -88,7 +89,7 @@ def remove_partial(ckpt_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_folder(ckpt_dir: str | Path, tag: str, write: Callable[[Path], None]) -> Path:
+def save_folder(ckpt_dir: str | Path, tag: str, write: Callable[[Path], None], point_latest: bool = True) -> Path:
     """Single-process save: `write(tmp)` fills a temp folder, which is then published."""
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir / f"{tag}.tmp"
@@ -97,5 +98,5 @@ def save_folder(ckpt_dir: str | Path, tag: str, write: Callable[[Path], None]) -
     tmp.mkdir(parents=True)
     write(tmp)
     final = ckpt_dir / tag
-    publish(tmp, final)
+    publish(tmp, final, point_latest)
     return final

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +35,8 @@ from .models.binary_ae import BinaryAutoencoder
 from .tracking import StatsLogger
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
-TIME_BUCKETS = 4  # loss is also logged per quarter of t/T
+TIME_BUCKETS = 4
+EXPORT_FILES = ("model.safetensors", "config.json")  # loss is also logged per quarter of t/T
 
 _stop_signal: int | None = None
 
@@ -329,11 +331,17 @@ def train(cfg: Config) -> Path:
             D.print0(f"[train] preempted by signal {_stop_signal} at step {state['step']}; checkpoint saved")
             break
 
-    final = ckpt.read_latest(out / "checkpoints")
+    latest = ckpt.read_latest(out / "checkpoints")
+    export = out / "export"
+    if info.is_main and _stop_signal is None:
+        # The finished model for sampling and evaluation, outside the rotating checkpoints.
+        ckpt.save_folder(out, "export", lambda tmp: [shutil.copy2(latest / f, tmp / f) for f in EXPORT_FILES],
+                         point_latest=False)
+        print(f"[train] done: {state['samples']} samples; model exported to {export}", flush=True)
     if logger:
         logger.close()
     D.teardown()
-    return final
+    return export
 
 
 def main(argv=None) -> None:

@@ -49,6 +49,7 @@ def test_zero2_loss_falls_and_resume_is_exact(tmp_path, tiny_latents, tiny_ae):
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(STEPS - 2, STEPS + 1)) / 3
     assert last < first - 0.05, f"loss did not fall: {first:.4f} -> {last:.4f}"
     assert "world size 2" in (full / "train.log").read_text()
+    assert {p.name for p in (full / "export").iterdir()} == {"model.safetensors", "config.json"}
 
     # kill after N steps (stop there and checkpoint), rerun the same command: it resumes
     half = _train(tmp_path, "half", tiny_latents, tiny_ae, total, f"train.max_steps={STEPS // 2}")
