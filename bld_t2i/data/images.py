@@ -110,8 +110,8 @@ def caption_and_meta(members: dict[str, bytes]) -> tuple[str, dict]:
 
 def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     """(H, W, 3) uint8 arrays -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))).float()  # (B, 3, H, W)
+    return x.div_(127.5).sub_(1.0)
 
 
 class ImageDecoder(Decoder):
