@@ -68,7 +68,7 @@ AE_PRESETS: dict[str, AEArch] = {
     "bae256-c128": AEArch(resolution=256, bits=128, base_width=128, mults=(1, 1, 2, 2, 4), res_blocks=2),
     "bae1024-f32": AEArch(resolution=1024, bits=64, base_width=128, mults=(1, 1, 2, 2, 4, 4), res_blocks=2),
     "ae64-tiny": AEArch(resolution=64, bits=16, base_width=32, mults=(1, 2, 2, 4), res_blocks=1),
-    "ae64-f4": AEArch(resolution=64, bits=16, base_width=32, mults=(1, 2, 4), res_blocks=1),
+    "ae64-f4": AEArch(resolution=64, bits=32, base_width=16, mults=(1, 2, 4), res_blocks=1),
     "ae128-small": AEArch(resolution=128, bits=32, base_width=32, mults=(1, 2, 2, 4), res_blocks=1),
 }
 
