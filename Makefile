@@ -16,7 +16,14 @@ SYSTEM_PACKAGES := munge slurmctld slurmd slurm-client fonts-noto-color-emoji da
 
 .PHONY: setup system-deps test demo bench clean
 
-setup: system-deps $(VENV)/.installed
+setup: system-deps $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.built
+
+# DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op when it initialises
+# (~50 s). Build it once here, so the tests' and the demo's ranks find it ready.
+$(TORCH_EXTENSIONS_DIR)/.built: $(VENV)/.installed
+	@echo "[setup] building DeepSpeed's CPU communication op into $(TORCH_EXTENSIONS_DIR)"
+	@$(PY) -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b is None or b.load()" 2>&1 | grep -v "Warning\|WARNING"; exit $${PIPESTATUS[0]}
+	@mkdir -p $(@D) && touch $@
 
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -29,7 +29,7 @@ def test_toy_mixture_fit():
 
     start = time.time()
     step = 0
-    while time.time() - start < 50 and step < 1500:
+    while time.time() - start < 45 and step < 3000:
         idx = torch.multinomial(weights, 256, replacement=True, generator=g)
         loss, _, _ = diffusion_loss(model_fn, patterns[idx], None, a, "bce", generator=g)
         opt.zero_grad(set_to_none=True)
