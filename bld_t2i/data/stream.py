@@ -220,6 +220,10 @@ class ShardLoader:
         self._batches += 1
         return self.dataset.decoder.finish(batch)
 
+    def close(self) -> None:
+        """Stop the loader workers now (dropping the DataLoader iterator joins them)."""
+        self._iter = None
+
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, summed over this rank's workers (resume included)."""
         total: Counter = Counter()
