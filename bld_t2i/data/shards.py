@@ -74,7 +74,7 @@ def check_exist(urls: list[str]) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass
+@dataclass(slots=True)
 class RawSample:
     key: str
     members: dict[str, bytes]  # extension ("jpg", "txt", "emb.npy") -> bytes
@@ -84,9 +84,9 @@ class RawSample:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+    """(key, extension): the key is the path up to the first dot of the file name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
 
 
 def _octal(field: bytes) -> int:
@@ -128,9 +128,12 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
         if buf[pos + 257 : pos + 262] != b"ustar":
             raise ShardError("corrupt_tar", f"{url}: no tar header at byte {base + pos}")
         try:
-            size = _octal(buf[pos + 124 : pos + 136])
+            size = int(buf[pos + 124 : pos + 135], 8)  # 11 octal digits, as Python's tarfile and GNU tar write
         except ValueError:
-            raise ShardError("corrupt_tar", f"{url}: bad member size at byte {base + pos}") from None
+            try:
+                size = _octal(buf[pos + 124 : pos + 136])
+            except ValueError:
+                raise ShardError("corrupt_tar", f"{url}: bad member size at byte {base + pos}") from None
         if start is None:
             start = base + pos
         stop = pos + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
