@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -101,10 +102,9 @@ def sample_stream(
         shards = epoch_shards(urls, seed, pos.epoch, slot, slots)
         raw = _raw_stream(shards, pos, skipped)
         while True:
-            win = [s for _, s in zip(range(window), raw)]
+            win = list(islice(raw, window))  # [(shard index, sample)]; the window starts at the first
             if not win:
                 break
-            # The raw stream yields (shard index, sample); the window starts at its first.
             start_shard, _ = win[0]
             last_shard, last = win[-1]
             order = np.random.default_rng([seed, pos.epoch, slot, pos.window]).permutation(len(win))
