@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inception", default="", help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--reference", default="", help="reference image shards for FID/KID")
     p.add_argument("--reference-limit", type=int, default=10_000, help="reference images read at most")
+    p.add_argument("--fid-features", type=int, default=2048, choices=(64, 192, 768, 2048),
+                   help="Inception layer for FID/KID; 2048 is the standard, smaller ones are cheaper and not comparable")
     p.add_argument("--neighbours", default="", help="latent data set folder to search for nearest training samples")
     p.add_argument("--neighbours-k", type=int, default=10)
     p.add_argument("--wandb", action="store_true", help="log grids and the metrics table to wandb (offline)")
@@ -77,6 +79,7 @@ def main(argv=None) -> None:
         opts = EvalOptions(settings=settings, images_per_prompt=args.images_per_prompt, seed=args.seed,
                            batch_size=args.batch_size, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
                            inception=args.inception, reference=args.reference, reference_limit=args.reference_limit,
+                           fid_features=args.fid_features,
                            neighbours=args.neighbours, neighbours_k=args.neighbours_k, wandb=args.wandb,
                            sheet=args.prompts, model=args.model)
         try:

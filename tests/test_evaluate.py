@@ -5,7 +5,6 @@ and the report rendered in headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,15 +20,13 @@ from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
 from bld_t2i.evaluate import main as evaluate_main
 from bld_t2i.data.latents import pack_bits, read_manifest, unpack_bits
 from bld_t2i.pipeline import BLDPipeline
-from test_pipeline import build_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_pipeline import build_tiny_model, shared_root
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """root with model-cross_attn/, ae/, latents/, images/ (see test_pipeline.build_tiny_model)."""
-    root = tmp_path_factory.mktemp("eval")
+    """root with model-cross_attn-empty_caption/, ae/, latents/, images/ (test_pipeline.build_tiny_model)."""
+    root = shared_root(tmp_path_factory)
     build_tiny_model(root)
     return root
 
@@ -113,7 +110,7 @@ def _random_inception(path: Path) -> str:
 
 
 def test_three_sheet_formats_end_to_end_and_rerun(tiny, tmp_path):
-    model = tiny / "model-cross_attn"
+    model = tiny / "model-cross_attn-empty_caption"
     sheets = {
         "txt": _write(tmp_path / "emoji.txt", "red apple\nunicorn face\n"),
         "tsv": _write(tmp_path / "parti.tsv", "Prompt\tCategory\tChallenge\tNote\nred apple\tFood\tBasic\t\n"
@@ -126,11 +123,11 @@ def test_three_sheet_formats_end_to_end_and_rerun(tiny, tmp_path):
         argv = ["--model", str(model), "--prompts", str(sheet), "--out", str(out), "--steps", "4",
                 "--images-per-prompt", "2", "--device", "cpu"]
         if kind == "tsv":
-            argv += ["--guidance", "0,2.5", "--temperature", "1.0,0.9"]
+            argv += ["--guidance", "0,2.5", "--temperature", "0.9"]
         evaluate_main(argv)
         report = json.loads((out / "metrics.json").read_text())
         rows = read_sheet(sheet)
-        assert len(report["settings"]) == (4 if kind == "tsv" else 1)
+        assert len(report["settings"]) == (2 if kind == "tsv" else 1)
         for s in report["settings"]:
             for row in rows:
                 assert (out / "grids" / s["setting"] / f"{row.id}.png").is_file()
@@ -150,7 +147,7 @@ def test_three_sheet_formats_end_to_end_and_rerun(tiny, tmp_path):
 
 
 def test_images_are_reproducible_alone_and_split_across_ranks(tiny, tmp_path, monkeypatch):
-    pipe = BLDPipeline.from_pretrained(tiny / "model-cross_attn", device="cpu")
+    pipe = BLDPipeline.from_pretrained(tiny / "model-cross_attn-empty_caption", device="cpu")
     rows = read_sheet(_write(tmp_path / "s.txt", "red apple\ngrinning face\nblue square\n"))
     opts = EvalOptions(settings=settings_grid([4], [2.5], [1.0]), images_per_prompt=2, seed=1)
     for rank in (1, 0):  # two ranks of one job, one after the other (no process group: barriers are no-ops)
@@ -191,7 +188,7 @@ def test_nearest_neighbour_of_a_training_latent_is_itself(tiny):
 
 
 def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
-    model = tiny / "model-cross_attn"
+    model = tiny / "model-cross_attn-empty_caption"
     sheet = _write(tmp_path / "s.jsonl", '{"prompt": "red apple", "category": "seen"}\n'
                                          '{"prompt": "unicorn face", "category": "unseen"}\n')
     out = tmp_path / "report"
@@ -200,6 +197,7 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
                    "--neighbours-k", "3", "--clip-model", _tiny_clip(tmp_path / "clip"),
                    "--inception", _random_inception(tmp_path / "inception.pth"),
                    "--reference", str(tiny / "images" / "draw-{000000..000001}.tar"), "--reference-limit", "6",
+                   "--fid-features", "64",
                    "--wandb"])
     report = json.loads((out / "metrics.json").read_text())
     s = report["settings"][0]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +29,12 @@ from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder
 from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
+from bld_t2i.sample import main as sample_main
 
-ROOT = Path(__file__).resolve().parents[1]
 RES = 32  # image size of the tiny model: 4x4 grid x 16 bits
 CAPTIONS = ["red apple", "grinning face", "blue square", "green tree"]
 COLOURS = [(220, 30, 30), (250, 200, 40), (40, 60, 220), (30, 160, 50)]
-TRAIN_STEPS = 30
+TRAIN_STEPS = 20
 
 
 def _drawing(i: int, j: int) -> bytes:
@@ -67,7 +65,11 @@ def write_drawings(folder: Path, per_caption: int = 6) -> str:
 def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: str = "empty_caption",
                      train_steps: int = TRAIN_STEPS) -> Path:
     """An exported tiny model folder (config.json + model.safetensors) under `root`, with its
-    autoencoder in root/ae and its training latents in root/latents. Returns the model folder."""
+    autoencoder in root/ae and its training latents in root/latents (made once per root,
+    shared by the models built there). Returns the model folder; an existing one is reused."""
+    folder = root / f"model-{conditioning}-{null_cond}"
+    if (folder / "model.safetensors").is_file():
+        return folder
     torch.manual_seed(0)
     cfg = Config()
     cfg.autoencoder.preset, cfg.autoencoder.resolution = "ae64-tiny", RES
@@ -82,11 +84,13 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
     cfg.latents.shards = str(root / "latents" / "latents-{000000..000001}.tar")
     cfg.latents.batch_size = 12
 
-    ae = BinaryAutoencoder.from_config(cfg.autoencoder)
-    ae.save_pretrained(cfg.autoencoder.path)
-    spec = write_drawings(root / "images")
-    encode_shards(spec, str(root / "latents"), Encoder(ae, torch.device("cpu"), "fp32"),
-                  ImageDecoder(RES, "center_crop", 8), 16, 0, 1, None)
+    if not (root / "latents" / "manifest.json").is_file():
+        ae = BinaryAutoencoder.from_config(cfg.autoencoder)
+        ae.save_pretrained(cfg.autoencoder.path)
+        spec = write_drawings(root / "images")
+        encode_shards(spec, str(root / "latents"), Encoder(ae, torch.device("cpu"), "fp32"),
+                      ImageDecoder(RES, "center_crop", 8), 16, 0, 1, None)
+    ae = BinaryAutoencoder.from_pretrained(cfg.autoencoder.path)
 
     encoder = build_text_encoder(cfg.text_encoder, "cpu")
     model = Denoiser(cfg.denoiser, ae.latent_shape, encoder.dim if encoder else 0)
@@ -109,16 +113,20 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
         loss.backward()
         opt.step()
 
-    folder = root / f"model-{conditioning}"
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     save_config(cfg, folder / "config.json")
     return folder
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """One folder per test session for the tiny models, so every test module reuses them."""
+    return tmp_path_factory.getbasetemp() / "bld-tiny-models"
+
+
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return build_tiny_model(shared_root(tmp_path_factory))
 
 
 def test_text_sampling_is_seeded_and_guidance_changes_it(text_model):
@@ -131,14 +139,14 @@ def test_text_sampling_is_seeded_and_guidance_changes_it(text_model):
     unguided = pipe(["red apple", "grinning face", "a cat"], steps=4, guidance=0.0, seed=3, batch_size=2)
     assert not torch.equal(out.latents, unguided.latents)
     # per-image seeds: an image regenerated alone equals its place in the batch
-    batch = pipe.sample_latents(["red apple", "blue square"], steps=16, seed=[11, 12])
-    alone = pipe.sample_latents(["blue square"], steps=16, seed=[12])
+    batch = pipe.sample_latents(["red apple", "blue square"], steps=8, seed=[11, 12])
+    alone = pipe.sample_latents(["blue square"], steps=8, seed=[12])
     assert torch.equal(batch[1:], alone)
 
 
 @pytest.mark.parametrize("conditioning", ["class", "none", "pooled_token"])
-def test_class_unconditional_and_pooled_models(tmp_path, conditioning):
-    folder = build_tiny_model(tmp_path, conditioning, null_cond="learned", train_steps=4)
+def test_class_unconditional_and_pooled_models(tmp_path, tmp_path_factory, conditioning):
+    folder = build_tiny_model(shared_root(tmp_path_factory), conditioning, null_cond="learned", train_steps=4)
     pipe = BLDPipeline.from_pretrained(folder, device="cpu")
     if conditioning == "class":
         out = pipe(class_labels=[0, 3], steps=4, guidance=2.0)
@@ -203,12 +211,10 @@ def test_sample_cli(tmp_path, text_model):
     ImageDraw.Draw(m).rectangle((16, 0, 31, 31), fill=255)
     m.save(mask)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bld_t2i.sample", "--model", str(text_model), "--prompt", "red apple",
+    sample_main(["--model", str(text_model), "--prompt", "red apple",
            "--out", str(out), "--steps", "4", "--guidance", "2.5", "--temperature", "0.9", "--num-images", "3",
            "--batch-size", "2", "--seed", "5", "--device", "cpu", "--init-image", str(init), "--mask", str(mask),
-           "--inpaint", "renoise"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+           "--inpaint", "renoise"])
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4  # three samples and their grid
     assert all(Image.open(p).size == (RES, RES) for p in pngs if "grid" not in p.name)

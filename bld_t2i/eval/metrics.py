@@ -120,15 +120,15 @@ def reference_images(spec: str, size: int, limit: int) -> torch.Tensor:
 class FidKid:
     """FID and KID of generated sets against one reference set (its features computed once)."""
 
-    def __init__(self, inception: str, reference: torch.Tensor, device: torch.device):
+    def __init__(self, inception: str, reference: torch.Tensor, device: torch.device, features: int = 2048):
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
         self.device = device
         self.reference = reference
-        self.fid = FrechetInceptionDistance(feature=2048, reset_real_features=False,
+        self.fid = FrechetInceptionDistance(feature=features, reset_real_features=False,
                                             feature_extractor_weights_path=inception).to(device)
-        # KID shares the extractor: its features are computed once per image set
+        # KID reuses the loaded extractor: one copy of the weights
         self.kid = KernelInceptionDistance(feature=self.fid.inception, reset_real_features=False,
                                            subset_size=2).to(device)
         for batch in reference.split(32):
@@ -148,11 +148,13 @@ class FidKid:
         return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def fid_kid(inception: str, reference: str, size: int, limit: int, device: torch.device) -> FidKid | Skipped:
+def fid_kid(inception: str, reference: str, size: int, limit: int, device: torch.device,
+            features: int = 2048) -> FidKid | Skipped:
+    """features: the Inception layer, 2048 (the standard FID) or 64 / 192 / 768 (cheaper, not comparable)."""
     if not reference:
         return Skipped("no --reference image shards given")
     if not inception:
         return Skipped("no --inception weights given")
     if not Path(inception).is_file():
         return Skipped(f"--inception weights {inception} not found")
-    return FidKid(inception, reference_images(reference, size, limit), device)
+    return FidKid(inception, reference_images(reference, size, limit), device, features)

@@ -67,6 +67,7 @@ class EvalOptions:
     inception: str = ""  # torch-fidelity InceptionV3 weights file; empty: FID/KID skipped
     reference: str = ""  # image shards for FID/KID
     reference_limit: int = 10_000
+    fid_features: int = 2048  # Inception layer: 2048 is the standard FID
     neighbours: str = ""  # latent data set folder; empty: no nearest-neighbour search
     neighbours_k: int = 10
     wandb: bool = False
@@ -212,7 +213,8 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
         M.Skipped("the model is not text-conditioned")
     if isinstance(scorer, M.Skipped):
         skipped["clip_score"] = scorer.reason
-    fidkid = M.fid_kid(opts.inception, opts.reference, pipe.autoencoder.resolution, opts.reference_limit, pipe.device)
+    fidkid = M.fid_kid(opts.inception, opts.reference, pipe.autoencoder.resolution, opts.reference_limit, pipe.device,
+                       opts.fid_features)
     if isinstance(fidkid, M.Skipped):
         skipped["fid"] = skipped["kid"] = fidkid.reason
     if N < 2:
