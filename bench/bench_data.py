@@ -1,6 +1,6 @@
 """Data throughput on this machine: latent loader vs raw reads vs image decoding vs encoding.
 
-    python bench/bench_data.py [--out bench/results/data_cpu.md] [--work DIR]
+    python bench/bench_data.py [--quick] [--work DIR]
 
 (a) the latent loader on 16x16x64-bit latents (2 KiB packed) in the training process and
     with 1 and 2 loader workers, against reading the same shard files' raw bytes;
@@ -9,7 +9,7 @@
 (c) encoding images to latent shards with data_tools/encode_latents.py (a random
     ae64-tiny autoencoder at 64px on the CPU, or bae256-c64 at 256px on a GPU).
 
-Prints a Markdown table and writes it, stamped with the machine, to --out.
+Writes bench/results/data_<cpu|gpu>.md (bench/common.py: table and machine stamp).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,17 +32,10 @@ from bld_t2i.data.images import image_loader
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, VERSION, latent_loader, pack_bits
 from bld_t2i.data.shards import TarShardWriter, join, write_bytes_atomic
 from bld_t2i.models.binary_ae import BinaryAutoencoder
+from common import device_suffix, machine_stamp, write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_SHAPE = (16, 16, 64)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, Python "
-            f"{platform.python_version()}; load average at start {load} (the machine is shared)")
 
 
 def write_latents(folder: str, shards: int, per_shard: int) -> str:
@@ -107,56 +99,55 @@ def encode_rate(work: str, image_spec: str, images: int) -> tuple[str, float]:
     return f"{preset} at {ae.resolution}px on {where}, batch 64, incl. start-up", total / (time.perf_counter() - start)
 
 
+def row(what: str, where: str, wall: float, cpu: float | None, note: str = "") -> dict:
+    return {"what": what, "where": where, "samples/s (wall)": wall, "samples per CPU-second": cpu, "note": note}
+
+
+NOTES = """Samples per CPU-second count the CPU time of the training process and its loader workers
+together, so they do not depend on how busy a shared machine is; the wall rate is what this run
+got; wall / CPU-second is the share of the cores the run got (a loaded 2-core machine gives a
+fraction of one core). (a) is bound by Python parsing of the tar headers (three members per sample) and the
+per-sample caption/JSON handling; reading the bytes and the one `np.unpackbits` per batch are a
+small part. Worker rows add the pickling of each batch to the training process. (b) runs on
+fewer samples than (a); the rates are per second either way."""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "data_cpu.md"))
+    p.add_argument("--quick", action="store_true", help="fewer samples (make bench)")
     p.add_argument("--work", default="", help="scratch folder (default: a temp folder)")
-    p.add_argument("--latent-samples", type=int, default=40_000)
-    p.add_argument("--image-samples", type=int, default=1_600)
     args = p.parse_args()
+    latent_samples, image_samples = (10_000, 400) if args.quick else (40_000, 1_600)
     work = args.work or tempfile.mkdtemp(prefix="bench_data.")
-    stamp = machine()
+    stamp = machine_stamp()
     rows = []
 
-    lat_spec = write_latents(join(work, "latents"), shards=4, per_shard=5_000)
-    mb_s, raw_samples_s = raw_read_rate(join(work, "latents"), 5_000)
-    rows.append(("(a) raw read of the latent shard files", "-", f"{raw_samples_s:,.0f}", "-", f"{mb_s:,.0f} MB/s"))
+    lat_spec = write_latents(join(work, "latents"), shards=4, per_shard=latent_samples // 8)
+    mb_s, raw_samples_s = raw_read_rate(join(work, "latents"), latent_samples // 8)
+    rows.append(row("(a) raw read of the latent shard files", "-", raw_samples_s, None, f"{mb_s:,.0f} MB/s"))
     for workers in (0, 1, 2):
         cfg = LatentsConfig(shards=lat_spec, batch_size=256, num_workers=workers, shuffle_window=1024)
-        r, c = rate(latent_loader(cfg, 0, "bench", LATENT_SHAPE), args.latent_samples)
+        wall, cpu = rate(latent_loader(cfg, 0, "bench", LATENT_SHAPE), latent_samples)
         where = "in the training process" if workers == 0 else f"{workers} worker(s)"
-        rows.append(("(a) latent loader, 16x16x64 bits, batch 256", where, f"{r:,.0f}", f"{c:,.0f}",
-                     "target >= 20,000"))
+        rows.append(row("(a) latent loader, 16x16x64 bits, batch 256", where, wall, cpu, "target >= 20,000"))
 
     images = join(work, "images")
     subprocess.run([sys.executable, os.path.join(REPO, "data_tools", "make_shards.py"), "--source", "emoji",
-                    "--size", "256", "--format", "jpg", "--limit", str(args.image_samples), "--shard-size",
-                    str(args.image_samples // 4), "--out", images], check=True, stdout=subprocess.DEVNULL)
+                    "--size", "256", "--format", "jpg", "--limit", str(image_samples), "--shard-size",
+                    str(image_samples // 4), "--out", images], check=True, stdout=subprocess.DEVNULL)
     img_spec = join(images, "shard-{000000..000003}.tar")
     for size in (64, 256):
         for workers in (0, 1, 2):
             cfg = DataConfig(shards=img_spec, image_size=size, batch_size=32, num_workers=workers)
-            r, c = rate(image_loader(cfg, seed=0), args.image_samples)
+            wall, cpu = rate(image_loader(cfg, seed=0), image_samples)
             where = "in the training process" if workers == 0 else f"{workers} worker(s)"
-            rows.append((f"(b) image reader, 256px JPEG -> {size}px tensors, batch 32", where, f"{r:,.0f}",
-                         f"{c:,.0f}", ""))
+            rows.append(row(f"(b) image reader, 256px JPEG -> {size}px tensors, batch 32", where, wall, cpu))
 
-    enc_spec = join(images, "shard-000000.tar")
-    what, r = encode_rate(work, enc_spec, args.image_samples // 4)
-    rows.append((f"(c) encode_latents.py, {what}", "1 process", f"{r:,.1f}", "-", "images/s"))
+    what, images_s = encode_rate(work, join(images, "shard-000000.tar"), image_samples // 4)
+    rows.append(row(f"(c) encode_latents.py, {what}", "1 process", images_s, None, "images/s"))
 
-    table = ["| what | where | samples/s (wall) | samples per CPU-second | note |", "|---|---|---:|---:|---|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
-    note = ("Samples per CPU-second count the CPU time of the training process and its loader workers "
-            "together, so they do not depend on how busy a shared machine is; the wall rate is what this "
-            "run got. (a) is bound by Python parsing of the tar headers (three members per sample) and "
-            "the per-sample caption/JSON handling; reading the bytes and the one `np.unpackbits` per batch "
-            "are a small part. Worker rows add the pickling of each batch to the training process.")
-    text = "\n".join([f"# Data throughput\n\nMachine: {stamp}.\n", *table, "", note, ""])
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    path = write_result(f"data_{device_suffix()}", "Data throughput", rows, NOTES, stamp)
+    print(path.read_text())
 
 
 if __name__ == "__main__":
