@@ -139,7 +139,8 @@ def test_bad_inputs_are_skipped_counted_or_repaired(tmp_path, caplog):
         third = list(iter_samples(f, "bad-000001.tar"))[2].offset
     os.truncate(tmp_path / "bad-000001.tar", third + 512 + 100)
 
-    cfg = DataConfig(shards=str(tmp_path / "bad-{000000..000001}.tar"), image_size=16, resize="stretch",
+    (tmp_path / "bad-000002.tar").write_bytes(b"")  # a zero-byte shard
+    cfg = DataConfig(shards=str(tmp_path / "bad-{000000..000002}.tar"), image_size=16, resize="stretch",
                      batch_size=4, num_workers=0)
     loader = image_loader(cfg, seed=0, finite=True)
     with caplog.at_level("WARNING", logger="bld_t2i.data"):
@@ -148,7 +149,7 @@ def test_bad_inputs_are_skipped_counted_or_repaired(tmp_path, caplog):
             out.update({k: img for k, img in zip(b["key"], b["image"])})
     assert sorted(out) == sorted(["rgb", "gray", "cmyk", "alpha", "sixteen", "rotated", "cut0", "cut1"])
     assert loader.skipped() == {"corrupt_image": 1, "truncated_image": 1, "tiny": 1, "zero_byte": 1,
-                                "missing_caption": 1, "truncated_tar": 1}
+                                "missing_caption": 1, "truncated_tar": 1, "empty_shard": 1}
     assert "(truncated_tar)" in caplog.text and "corrupt_image" in caplog.text
     pixel = lambda key, y, x: ((out[key][:, y, x] + 1) * 127.5).round().tolist()  # noqa: E731
     assert pixel("gray", 8, 8) == [128, 128, 128]

@@ -83,9 +83,9 @@ def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder
     """Encode one image shard into one latent shard; returns its count and skips by reason."""
     skipped: Counter = Counter()
     with TarShardWriter(out_url) as writer, open_shard(url) as f:
-        items = []
+        items, seen = [], 0
         try:
-            for raw in iter_samples(f, url):
+            for seen, raw in enumerate(iter_samples(f, url), 1):
                 try:
                     items.append(decoder.sample(raw))
                 except SkipSample as e:
@@ -96,6 +96,8 @@ def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder
         except ShardError as e:  # keep the samples before the break
             skipped[e.reason] += 1
             log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
+        if not seen and not skipped:
+            skipped["empty_shard"] += 1
         if items:
             _write_batch(writer, encoder, items)
     return {"count": writer.count, "skipped": dict(skipped)}

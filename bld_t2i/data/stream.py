@@ -77,14 +77,20 @@ def check_split(num_shards: int, world_size: int, num_workers: int, spec: str) -
 def _raw_stream(shards: list[str], pos: Position, skipped: Counter) -> Iterator[tuple[int, RawSample]]:
     """(shard index, sample) from `pos.shard` at `pos.offset` to the end of the epoch.
 
-    A shard that breaks mid-way (truncated or corrupt tar) ends there and is counted.
+    A shard that breaks mid-way (truncated or corrupt tar) ends there and is counted, and
+    so is a shard without a single sample (a zero-byte file, an empty tar).
     """
     for index in range(pos.shard, len(shards)):
         offset = pos.offset if index == pos.shard else 0
         with open_shard(shards[index]) as f:
             try:
+                empty = True
                 for sample in iter_samples(f, shards[index], offset):
+                    empty = False
                     yield index, sample
+                if empty and offset == 0:
+                    skipped["empty_shard"] += 1
+                    log.warning("shard without samples: %s", shards[index])
             except ShardError as e:
                 skipped[e.reason] += 1
                 log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
