@@ -28,11 +28,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from itertools import islice
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bld_t2i.data.shards import RawSample, ShardError, check_exist, expand_urls, iter_samples, open_shard
