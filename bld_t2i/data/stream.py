@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from itertools import islice
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -48,14 +48,14 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-@dataclass
-class Position:
+class Position(NamedTuple):
+    """Where a worker is; made once per sample, hence a tuple. Its skip counts travel beside it."""
+
     epoch: int = 0
     shard: int = 0  # index into this slot's shards of the epoch
     offset: int = 0  # byte offset of the current window's first sample
     window: int = 0  # window index within the epoch
     emitted: int = 0  # samples of the window already emitted
-    skipped: dict[str, int] = field(default_factory=dict)  # this worker's skips by reason
 
 
 def epoch_shards(urls: list[str], seed: int, epoch: int, slot: int, slots: int) -> list[str]:
@@ -112,7 +112,7 @@ def sample_stream(
                 break
             start_shard, _ = win[0]
             last_shard, last = win[-1]
-            order = np.random.default_rng([seed, pos.epoch, slot, pos.window]).permutation(len(win))
+            order = np.random.default_rng([seed, pos.epoch, slot, pos.window]).permutation(len(win)).tolist()
             for j in range(pos.emitted, len(win)):
                 if j + 1 < len(win):
                     at = Position(pos.epoch, start_shard, win[0][1].offset, pos.window, j + 1)
@@ -153,7 +153,7 @@ class ShardDataset(IterableDataset):
         self.window = shuffle_window
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.finite = finite
-        self.resume: dict[str, dict] = {}  # logical worker -> Position dict
+        self.resume: dict[str, dict] = {}  # logical worker -> its Position fields and "skipped"
         self.rotation = 0  # physical worker p plays logical worker (p + rotation) % W
         check_split(len(self.urls), world_size, self.num_workers, spec)
         check_exist(self.urls)
@@ -162,11 +162,12 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
         slot, slots = self.rank * self.num_workers + worker, self.world_size * self.num_workers
-        pos = Position(**self.resume[str(worker)]) if str(worker) in self.resume else Position()
-        skipped = Counter(pos.skipped)
+        saved = self.resume[str(worker)] if str(worker) in self.resume else {"skipped": {}}
+        pos = Position(**{k: v for k, v in saved.items() if k in Position._fields})
+        skipped = Counter(saved["skipped"])
         items, at = [], pos
         # A full epoch without one usable sample would spin forever: an error instead of a hang.
-        full_epoch, used = pos == Position(pos.epoch, skipped=pos.skipped), 0
+        full_epoch, used = pos == Position(pos.epoch), 0
         stream = sample_stream(self.urls, self.seed, slot, slots, self.window, pos, self.finite, skipped)
         for raw, at in stream:
             if raw is None:
@@ -191,7 +192,7 @@ class ShardDataset(IterableDataset):
 
     def _batch(self, items, worker, at: Position, skipped: Counter) -> dict:
         batch = self.decoder.collate(items)
-        batch["_position"] = {"worker": worker, **asdict(at), "skipped": dict(skipped)}
+        batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped)}
         return batch
 
 
