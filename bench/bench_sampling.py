@@ -1,7 +1,7 @@
 """Seconds per sample of BLDPipeline at 16 and 64 steps, generation and decode timed apart.
 
     python bench/bench_sampling.py [--presets tiny authors] [--steps 16 64] [--guidance 0 10]
-                                   [--batch 8 1] [--device auto|cpu|cuda] [--dtype fp32|bf16]
+                                   [--batch 8 1] [--threads 1 2] [--device auto|cpu|cuda] [--dtype fp32|bf16]
 
 Presets (random weights: speed does not depend on them):
   tiny     denoiser "tiny" (2 x 64) on the ae64-tiny autoencoder: 64px, 8x8x16-bit latents;
@@ -10,7 +10,8 @@ Presets (random weights: speed does not depend on them):
 The condition is one class token, the same compute as the authors' single pooled CLIP
 token; guidance w > 0 runs the conditional and the null branch in one batched forward.
 Generation is `sample_latents` (a whole batch under one seed), decode is the autoencoder;
-each is timed after one warm-up batch. The poster's figures (BLD 0.20 s at 16 steps, 0.82 s
+each is timed after one warm-up batch. `--threads` lists torch CPU thread counts to try: on a
+shared, loaded machine fewer threads can be much faster (threads wait on each other). The poster's figures (BLD 0.20 s at 16 steps, 0.82 s
 at 64 steps, SPEC section 4) are from a GPU. Writes bench/results/sampling_<cpu|gpu>.md.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -74,6 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", nargs="+", type=float, default=[0.0, 10.0])
     p.add_argument("--batch", nargs="+", type=int, default=None, help="one per preset; default 8 tiny / 1 authors on CPU")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()], help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = p.parse_args(argv)
@@ -84,14 +87,14 @@ def main(argv=None) -> None:
     for preset, batch in zip(args.presets, batches):
         pipe = build(preset, device, DTYPES[args.dtype])
         params = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
-        for steps in args.steps:
-            for w in args.guidance:
-                r = time_setting(pipe, steps, w, batch, args.repeats)
-                row = {"preset": preset, "denoiser M params": round(params, 1),
-                       "latent (h,w,C)": "x".join(map(str, pipe.latent_shape)), "image px": pipe.autoencoder.resolution,
-                       "steps": steps, "w": w, "batch": batch, "dtype": args.dtype, **r}
-                print(row, flush=True)
-                rows.append(row)
+        for threads, steps, w in product(args.threads, args.steps, args.guidance):
+            torch.set_num_threads(threads)
+            r = time_setting(pipe, steps, w, batch, args.repeats)
+            row = {"preset": preset, "denoiser M params": round(params, 1),
+                   "latent (h,w,C)": "x".join(map(str, pipe.latent_shape)), "image px": pipe.autoencoder.resolution,
+                   "steps": steps, "w": w, "batch": batch, "dtype": args.dtype, "threads": threads, **r}
+            print(row, flush=True)
+            rows.append(row)
         del pipe
     notes = ("Random weights; class-token condition (the compute of the authors' one pooled CLIP token). "
              "w > 0 doubles the denoiser batch (conditional and null branch in one forward). "

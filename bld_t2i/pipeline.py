@@ -114,6 +114,11 @@ def _align(cond: dict, null: dict) -> tuple[dict, dict]:
     return pad_tokens(cond, n), pad_tokens(null, n)
 
 
+def _rows(cond: dict | None, lo: int, hi: int) -> dict | None:
+    """Samples lo..hi-1 of a batched condition."""
+    return None if cond is None else {k: v[lo:hi] for k, v in cond.items()}
+
+
 class BLDPipeline:
     """A denoiser, its autoencoder and text encoder, and the sampler's defaults from the config."""
 
@@ -263,11 +268,11 @@ class BLDPipeline:
             g = generator if generator is not None else self._generator(seed)
             chunks = [(i, min(i + batch_size, B), g) for i in range(0, B, batch_size)]
         h, w, C = self.latent_shape
+        cond, null = self._conditions(prompts, class_labels)  # encoded once, sliced per chunk
         out = []
         for lo, hi, g in chunks:
-            cond, null = self._conditions(
-                None if prompts is None else prompts[lo:hi], None if class_labels is None else class_labels[lo:hi])
-            z = sample(self._model_fn, (hi - lo, h * w, C), self.a, steps, cond=cond, null_cond=null,
+            z = sample(self._model_fn, (hi - lo, h * w, C), self.a, steps, cond=_rows(cond, lo, hi),
+                       null_cond=_rows(null, lo, hi),
                        temperature=temperature, guidance=guidance,
                        known=None if known is None else known.expand(hi - lo, -1, -1), mask=keep,
                        inpaint=inpaint, generator=g, device=self.device)

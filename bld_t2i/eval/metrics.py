@@ -14,6 +14,7 @@ downloaded.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 from bld_t2i.data.images import ImageDecoder
 from bld_t2i.data.shards import ShardError, expand_urls, iter_samples, open_shard
 from bld_t2i.data.stream import SkipSample
+
+log = logging.getLogger("bld_t2i.eval")
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,8 @@ def reference_images(spec: str, size: int, limit: int) -> torch.Tensor:
                         continue
                     if len(arrays) >= limit:
                         break
-            except ShardError:
-                pass  # keep the images before the damage
+            except ShardError as e:  # keep the images before the damage
+                log.warning("reference shard %s is damaged after %d images: %s", url, len(arrays), e)
         if len(arrays) >= limit:
             break
     if not arrays:

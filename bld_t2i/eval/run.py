@@ -181,9 +181,12 @@ def _timing(out: Path, settings: list[Setting]) -> tuple[dict, dict]:
         t = per_steps.setdefault(str(setting.steps), {"gen_s": 0.0, "decode_s": 0.0, "n": 0})
         for k in ("gen_s", "decode_s", "n"):
             t[k] += s[k]
-    rate = lambda s: {"generation_s_per_sample": s["gen_s"] / s["n"], "decode_s_per_sample": s["decode_s"] / s["n"],
-                      "samples_timed": s["n"]}
-    return ({k: rate(v) for k, v in per_setting.items() if v["n"]}, {k: rate(v) for k, v in per_steps.items()})
+    return ({k: _rates(v) for k, v in per_setting.items() if v["n"]}, {k: _rates(v) for k, v in per_steps.items()})
+
+
+def _rates(s: dict) -> dict:
+    return {"generation_s_per_sample": s["gen_s"] / s["n"], "decode_s_per_sample": s["decode_s"] / s["n"],
+            "samples_timed": s["n"]}
 
 
 def _decoded_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour]]) -> None:
