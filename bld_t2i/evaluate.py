@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Inception layer for FID/KID; 2048 is the standard, smaller ones are cheaper and not comparable")
     p.add_argument("--neighbours", default="", help="latent data set folder to search for nearest training samples")
     p.add_argument("--neighbours-k", type=int, default=10)
+    p.add_argument("--neighbours-clip", action="store_true",
+                   help="also search in CLIP image space (needs --clip-model; decodes every training latent)")
     p.add_argument("--wandb", action="store_true", help="log grids and the metrics table to wandb (offline)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
                            batch_size=args.batch_size, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
                            inception=args.inception, reference=args.reference, reference_limit=args.reference_limit,
                            fid_features=args.fid_features,
-                           neighbours=args.neighbours, neighbours_k=args.neighbours_k, wandb=args.wandb,
+                           neighbours=args.neighbours, neighbours_k=args.neighbours_k,
+                           neighbours_clip=args.neighbours_clip, wandb=args.wandb,
                            sheet=args.prompts, model=args.model)
         try:
             report = evaluate(pipe, rows, args.out, opts)

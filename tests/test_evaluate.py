@@ -194,7 +194,7 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
     out = tmp_path / "report"
     evaluate_main(["--model", str(model), "--prompts", str(sheet), "--out", str(out), "--steps", "4",
                    "--images-per-prompt", "2", "--device", "cpu", "--neighbours", str(tiny / "latents"),
-                   "--neighbours-k", "3", "--clip-model", _tiny_clip(tmp_path / "clip"),
+                   "--neighbours-k", "3", "--neighbours-clip", "--clip-model", _tiny_clip(tmp_path / "clip"),
                    "--inception", _random_inception(tmp_path / "inception.pth"),
                    "--reference", str(tiny / "images" / "draw-{000000..000001}.tar"), "--reference-limit", "6",
                    "--fid-features", "64",
@@ -204,7 +204,10 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
     assert report["skipped"] == {}
     assert 0 <= s["clip_score"] <= 100 and s["fid"] > 0 and np.isfinite(s["kid"])
     neighbours = json.loads((out / "neighbours.json").read_text())
-    assert len(neighbours["s4_w0_t1"]["0"]) == 2 and len(neighbours["s4_w0_t1"]["0"][0]) == 3
+    for kind in ("hamming", "clip"):  # 2 images of prompt "0", 3 neighbours each, nearest first
+        found = neighbours[kind]["s4_w0_t1"]["0"]
+        assert len(found) == 2 and all(len(f) == 3 for f in found)
+        assert all([n["distance"] for n in f] == sorted(n["distance"] for n in f) for f in found)
     assert list((out / "wandb").glob("offline-run-*"))
 
     # Chromium: a copy of the page reports every image's natural size once the page has loaded
@@ -222,7 +225,7 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
     start = dom.index('<pre id="probe">') + len('<pre id="probe">')
     images = json.loads(dom[start : dom.index("</pre>", start)].replace("&amp;", "&"))
     assert len(images) == page.count("<img ")
-    assert len(images) == 2 * (1 + 2 * (1 + 3)) and all(w > 0 and h > 0 for _, w, h in images), images
+    assert len(images) == 2 * (1 + 2 * 2 * (1 + 3)) and all(w > 0 and h > 0 for _, w, h in images), images
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1000,1400", (out / "index.html").as_uri()],
                    capture_output=True, timeout=120)

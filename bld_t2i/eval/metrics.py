@@ -80,12 +80,11 @@ class ClipScorer:
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)  # (B, E)
 
     @torch.no_grad()
-    def score(self, pil_images: list, prompts: list[str]) -> torch.Tensor:
-        """(B,) CLIP scores of image i against prompt i."""
-        img = self.image_features(pil_images)
+    def score(self, image_features: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B,) CLIP scores of image i (its `image_features`) against prompt i."""
         txt = torch.nn.functional.normalize(
             self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
-        return (100 * (img * txt).sum(-1)).clamp_min(0).cpu()
+        return (100 * (image_features * txt).sum(-1)).clamp_min(0).cpu()
 
 
 def clip_scorer(model: str, checkpoint: str, device: torch.device) -> ClipScorer | Skipped:

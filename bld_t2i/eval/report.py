@@ -63,21 +63,26 @@ def _timing_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+NEIGHBOUR_KINDS = {"hamming": "nearest training latents (Hamming distance in bits)",
+                   "clip": "nearest training samples in CLIP image space (1 - cosine)"}
+
+
 def _neighbour_rows(row, settings, n_images: int, neighbours: dict) -> str:
     parts = []
-    for s in settings:
-        found = neighbours.get(s.name, {}).get(row.id)
-        if not found:
-            continue
-        parts.append(f"<h4>nearest training latents, {_e(s.name)}</h4>")
-        for i in range(n_images):
-            figs = [f"<figure class='sample'><img class='thumb' src='images/{_e(s.name)}/{_e(row.id)}/{i:03d}.png' "
-                    f"alt='sample {i}'><figcaption>sample {i}</figcaption></figure>"]
-            for n in found[i]:
-                figs.append(f"<figure><img class='thumb' src='{_e(n['image'])}' alt='{_e(n['key'])}' "
-                            f"title='{_e(n['caption'])}'><figcaption>{n['distance']}<br>{_e(n['key'])}</figcaption>"
-                            "</figure>")
-            parts.append(f"<div class='nn'>{''.join(figs)}</div>")
+    for kind, per_setting in neighbours.items():
+        for s in settings:
+            found = per_setting.get(s.name, {}).get(row.id)
+            if not found:
+                continue
+            parts.append(f"<h4>{_e(NEIGHBOUR_KINDS[kind])}, {_e(s.name)}</h4>")
+            for i in range(n_images):
+                figs = [f"<figure class='sample'><img class='thumb' src='images/{_e(s.name)}/{_e(row.id)}/{i:03d}.png' "
+                        f"alt='sample {i}'><figcaption>sample {i}</figcaption></figure>"]
+                for n in found[i]:
+                    figs.append(f"<figure><img class='thumb' src='{_e(n['image'])}' alt='{_e(n['key'])}' "
+                                f"title='{_e(n['caption'])}'><figcaption>{n['distance']}<br>{_e(n['key'])}"
+                                "</figcaption></figure>")
+                parts.append(f"<div class='nn'>{''.join(figs)}</div>")
     return "\n".join(parts)
 
 

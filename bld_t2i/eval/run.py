@@ -34,7 +34,7 @@ from bld_t2i import distributed as D
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.latents import pack_bits, unpack_bits
 from bld_t2i.eval import metrics as M
-from bld_t2i.eval.neighbours import Neighbour, nearest_neighbours, unpack_neighbour
+from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbours, unpack_neighbour
 from bld_t2i.eval.report import log_wandb, render_report
 from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
 from bld_t2i.models.denoiser import TEXT_MODES
@@ -70,6 +70,7 @@ class EvalOptions:
     fid_features: int = 2048  # Inception layer: 2048 is the standard FID
     neighbours: str = ""  # latent data set folder; empty: no nearest-neighbour search
     neighbours_k: int = 10
+    neighbours_clip: bool = False  # also search in CLIP image space (decodes the whole data set)
     wandb: bool = False
     sheet: str = ""  # recorded in metrics.json
     model: str = ""
@@ -206,6 +207,29 @@ def _decoded_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour
             atomic_write_bytes(p, _png_bytes(img))
 
 
+def find_neighbours(pipe: BLDPipeline, out: Path, rows: list[PromptRow], opts: EvalOptions, latents: np.ndarray,
+                    features: torch.Tensor | None, scorer) -> dict:
+    """{"hamming" [, "clip"]: {setting: {prompt id: [[neighbour, ...] per image]}}}, with the
+    neighbours decoded to PNGs. `latents` (and `features`) are ordered setting, prompt, image."""
+    shape = pipe.latent_shape
+    searches = {"hamming": nearest_neighbours(latents, opts.neighbours, opts.neighbours_k)}
+    if features is not None:
+        def embed(packed: np.ndarray) -> torch.Tensor:
+            bits = torch.from_numpy(unpack_bits(packed, shape).reshape(-1, *shape)).bool()
+            return scorer.image_features(to_pil(pipe.decode(bits)))
+
+        searches["clip"] = clip_neighbours(features, opts.neighbours, shape, opts.neighbours_k, embed)
+    N, per_setting = opts.images_per_prompt, opts.images_per_prompt * len(rows)
+    result = {}
+    for kind, found in searches.items():
+        _decoded_neighbours(pipe, out, found)
+        result[kind] = {s.name: {row.id: [[
+            {"key": n.key, "caption": n.caption, "shard": n.shard, "distance": n.distance,
+             "image": f"neighbours/{Path(n.shard).stem}/{n.key}.png"} for n in found[k * per_setting + r * N + i]]
+            for i in range(N)] for r, row in enumerate(rows)} for k, s in enumerate(opts.settings)}
+    return result
+
+
 def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions) -> dict:
     """Grids, metrics, neighbours and the report (rank 0, after every rank has generated)."""
     N = opts.images_per_prompt
@@ -222,13 +246,17 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
         skipped["fid"] = skipped["kid"] = fidkid.reason
     if N < 2:
         skipped["diversity"] = "needs at least 2 images per prompt"
+    clip_search = opts.neighbours and opts.neighbours_clip
+    if clip_search and isinstance(scorer, M.Skipped):
+        skipped["neighbours_clip"] = f"no CLIP model: {scorer.reason}"
+        clip_search = False
 
     per_prompt = {row.id: {"id": row.id, "prompt": row.prompt, "category": row.category, "line": row.line,
                            "diversity": {}, "clip_score": {}} for row in rows}
-    setting_rows, neighbours_out = [], {}
+    setting_rows, query_latents, query_features = [], [], []
     timing_setting, timing_steps = _timing(out, opts.settings)
     for setting in opts.settings:
-        images_u8, clip_scores, latents_all = [], [], []
+        images_u8, clip_scores = [], []
         for row in rows:
             pngs = [image_path(out, setting, row, i) for i in range(N)]
             pil = [Image.open(p).convert("RGB") for p in pngs]
@@ -237,12 +265,14 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
             if not grid.is_file() or grid.stat().st_mtime_ns < newest:
                 atomic_write_bytes(grid, _png_bytes(make_grid(pil, columns=N)))
             lat = load_latents(out, setting, row, N, shape)
-            latents_all.append(lat)
+            query_latents.append(lat)
             if N >= 2:
                 per_prompt[row.id]["diversity"][setting.name] = M.diversity(lat)
             if not isinstance(scorer, M.Skipped):
-                s = scorer.score(pil, [row.prompt] * N)
+                features = scorer.image_features(pil)  # (N, E)
+                s = scorer.score(features, [row.prompt] * N)
                 clip_scores.append(s)
+                query_features.append(features)
                 per_prompt[row.id]["clip_score"][setting.name] = float(s.mean())
             if not isinstance(fidkid, M.Skipped):
                 images_u8.append(torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2))
@@ -255,14 +285,11 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
             entry.update(fidkid(torch.cat(images_u8)))
         entry.update(timing_setting.get(setting.name, {}))
         setting_rows.append(entry)
-        if opts.neighbours:
-            found = nearest_neighbours(np.concatenate(latents_all), opts.neighbours, opts.neighbours_k)
-            _decoded_neighbours(pipe, out, found)
-            neighbours_out[setting.name] = {
-                row.id: [[{"key": n.key, "caption": n.caption, "shard": n.shard, "distance": n.distance,
-                           "image": f"neighbours/{Path(n.shard).stem}/{n.key}.png"} for n in found[r * N + i]]
-                         for i in range(N)] for r, row in enumerate(rows)}
 
+    neighbours_out = {}
+    if opts.neighbours:
+        neighbours_out = find_neighbours(pipe, out, rows, opts, np.concatenate(query_latents),
+                                         torch.cat(query_features) if clip_search else None, scorer)
     report = {
         "model": opts.model, "sheet": opts.sheet, "images_per_prompt": N, "seed": opts.seed,
         "latent_bits": int(np.prod(shape)), "conditioning": pipe.conditioning,
