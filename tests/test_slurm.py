@@ -255,8 +255,9 @@ def test_train_t2i_two_nodes_completes(uninterrupted):
 
 
 def test_train_t2i_preempted_requeues_and_resumes(cluster, tmp_path, tiny_latents, tiny_ae, uninterrupted):
-    """`scancel --signal=USR1 --full` mid-run: checkpoint, requeue, resume, same final step."""
-    job = submit_training(cluster, tmp_path, tiny_latents, tiny_ae)
+    """`scancel --signal=USR1 --full` mid-run: checkpoint, requeue, resume the same (offline)
+    wandb run, same final step."""
+    job = submit_training(cluster, tmp_path, tiny_latents, tiny_ae, "log.wandb=true", "log.wandb_mode=offline")
     first_log = tmp_path / "logs" / f"bld-t2i-{job}-restart0.log"
     wait_for_text(first_log, "[train] step", timeout=120)
     cluster.scancel("--signal=USR1", "--full", job)
@@ -270,6 +271,8 @@ def test_train_t2i_preempted_requeues_and_resumes(cluster, tmp_path, tiny_latent
     second = read_log(tmp_path, f"bld-t2i-{job}-restart1.log")
     assert f"resumed from step {stopped[1]}" in second, second
     assert final_step(tmp_path / "run") == final_step(uninterrupted[0] / "run") == TRAIN_STEPS
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))  # offline-run-<time>-<run id>
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
 def test_train_t2i_without_slurm_falls_back_to_torchrun(tmp_path, tiny_latents, tiny_ae):
