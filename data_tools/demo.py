@@ -54,10 +54,11 @@ def main(argv=None) -> None:
           out / ".done" / "shards",
           [PY, "data_tools/make_shards.py", "--source", "emoji", "--size", "64", "--shard-size", "500",
            "--out", str(shards), "--contact-sheet", str(out / "emoji_contact_sheet.png")])
-    stage(2, total, "A small binary autoencoder on the emoji (64px -> 16x16 grid of 16 bits)", ae,
+    stage(2, total, "A small binary autoencoder on the emoji (64px -> 16x16 grid of 16 bits), 2 CPU ranks", ae,
           out / ".done" / "ae",
-          [PY, "-m", "bld_t2i.train_ae", "--recipe", "recipes/ae/emoji64_demo.yaml", f"data.shards={shard_spec}",
-           f"run.out_dir={ae}"])
+          [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bld_t2i.train_ae",
+           "--recipe", "recipes/ae/emoji64_demo.yaml", f"data.shards={shard_spec}", f"run.out_dir={ae}"],
+          env={"OMP_NUM_THREADS": "1"})
     stage(3, total, "Offline pre-encoding to bit-packed latent shards", latents, out / ".done" / "latents",
           [PY, "data_tools/encode_latents.py", "--shards", shard_spec, "--autoencoder", str(ae / "export"),
            "--out", str(latents)])
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
           env={"BLD_NPROC": "2", "OMP_NUM_THREADS": "1"})
     stage(5, total, "Prompt-sheet evaluation: seen and unseen emoji prompts, guidance 0 and 3", report,
           out / ".done" / "eval",
-          [PY, "-m", "bld_t2i.evaluate", "--model", str(t2i / "export"), "--prompts", "recipes/prompts/demo_emoji.txt",
+          [PY, "-m", "bld_t2i.evaluate", "--model", str(t2i / "export"), "--prompts", "recipes/prompts/emoji_demo.jsonl",
            "--out", str(report), "--guidance", "0,3", "--steps", "16", "--images-per-prompt", "4",
            "--neighbours", str(latents)])
     print(f"\n[demo] finished in {(time.time() - begin) / 60:.1f} min. Open the report:\n{report / 'index.html'}")
