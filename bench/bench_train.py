@@ -225,7 +225,7 @@ def main() -> None:
                 "vs plain torch": f"{100 * (r['samples_s'] / base['samples_s'] - 1):+.0f}% samples/s" if path != "torch" else "",
                 "peak RSS/mem GiB": r["peak_mem_gib"],
             })
-            print(f"[bench_train]   {r['step_s']:.3f} s/step, {r['samples_s']:.1f} samples/s", flush=True)
+            print(f"[bench_train]   {r['step_s']:.3f} s/step, {r['samples_s']:.3g} samples/s", flush=True)
 
     notes = [
         f"Condition: cross-attention to random text tokens ({TEXT_LEN} x {TEXT_DIM}); latents 8x8x16 bits (tiny), "

@@ -38,6 +38,7 @@ def machine_stamp() -> dict[str, str]:
         "gpu": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
         "versions": f"torch {torch.__version__}, DeepSpeed {ds}, Python {platform.python_version()}",
         "load average (1/5/15 min)": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
 
 
