@@ -83,6 +83,22 @@ def wait_for_text(path_glob: Path, text: str, timeout: float) -> None:
     raise TimeoutError(f"'{text}' did not appear in {path_glob} within {timeout:.0f} s:\n{logs}")
 
 
+def test_every_script_parses_and_names_existing_entry_points():
+    """Every slurm/*.sh is valid bash and every module or tool it starts exists."""
+    import importlib.util
+
+    scripts = sorted(SLURM.glob("*.sh"))
+    assert {p.name for p in scripts} >= {"train_t2i.sh", "train_ae.sh", "encode_latents.sh", "eval_prompts.sh"}
+    for script in scripts:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+        text = script.read_text()
+        for module in re.findall(r"\b(bld_t2i\.\w+)", text):
+            assert importlib.util.find_spec(module) is not None, f"{script.name} runs missing module {module}"
+        for tool in re.findall(r"(data_tools/\w+\.py)", text):
+            assert (REPO / tool).is_file(), f"{script.name} runs missing {tool}"
+
+
 # A stand-in rank: reports its rendezvous variables, counts the signals it receives, and
 # "checkpoints" its step so that a requeued run resumes from it.
 STANDIN_RANK = '''
@@ -259,7 +275,7 @@ def test_train_t2i_preempted_requeues_and_resumes(cluster, tmp_path, tiny_latent
     wandb run, same final step."""
     job = submit_training(cluster, tmp_path, tiny_latents, tiny_ae, "log.wandb=true", "log.wandb_mode=offline")
     first_log = tmp_path / "logs" / f"bld-t2i-{job}-restart0.log"
-    wait_for_text(first_log, "[train] step", timeout=120)
+    wait_for_text(first_log, "[train] step", timeout=240)
     cluster.scancel("--signal=USR1", "--full", job)
 
     (record,) = wait_job(cluster, job, tmp_path, 180, states={"COMPLETED", "FAILED", "CANCELLED"})
