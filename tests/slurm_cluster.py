@@ -20,6 +20,7 @@ Facts this layout relies on (measured on Debian 12 containers):
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -52,8 +53,12 @@ def ensure_hosts(names: list[str]) -> None:
         except socket.gaierror:
             missing.append(name)
     if missing:
-        with open("/etc/hosts", "a") as f:
-            f.write(f"127.0.0.1 {' '.join(missing)}  # bld_t2i tests/slurm_cluster.py\n")
+        try:
+            with open("/etc/hosts", "a") as f:
+                f.write(f"127.0.0.1 {' '.join(missing)}  # bld_t2i tests/slurm_cluster.py\n")
+        except PermissionError:
+            raise RuntimeError(f"the test cluster's node names must resolve to 127.0.0.1: add "
+                               f"'127.0.0.1 {' '.join(missing)}' to /etc/hosts (needs root)") from None
 
 
 class SlurmCluster:
@@ -177,7 +182,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel this cluster's jobs, let their steps end, then stop our daemons by pid."""
         if any(name == "slurmctld" and proc.poll() is None for name, proc in self._procs):
-            subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+            user = pwd.getpwuid(os.getuid()).pw_name
+            subprocess.run(["scancel", "--full", "--user", user], env=self.env, capture_output=True)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self._active_jobs():
                 time.sleep(0.5)
@@ -205,13 +211,6 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {out.stderr.strip()}")
         return out.stdout.strip().split(";")[0]
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (for an array job: its first task)."""
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"scontrol show job {job_id}: {out.stderr.strip()}")
-        return self._parse(out.stdout.splitlines()[0])
-
     def jobs(self, job_id: str) -> list[dict[str, str]]:
         """Every record of a job: an array job lists one per task."""
         out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env, capture_output=True, text=True)
@@ -221,7 +220,7 @@ class SlurmCluster:
 
     @staticmethod
     def _parse(line: str) -> dict[str, str]:
-        # `Key=value` pairs; values never hold spaces except Command/WorkDir paths we do not use.
+        # `Key=value` pairs (a job's command-line arguments may add a few stray keys).
         return dict(m.groups() for m in re.finditer(r"(\S+?)=(\S*)", line))
 
     def wait(self, job_id: str, timeout: float, states=FINISHED_STATES) -> list[dict[str, str]]:
