@@ -20,7 +20,7 @@ from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
 from bld_t2i.evaluate import main as evaluate_main
 from bld_t2i.data.latents import pack_bits, read_manifest, unpack_bits
 from bld_t2i.pipeline import BLDPipeline
-from test_pipeline import build_tiny_model, shared_root
+from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
     cfg.denoiser.num_classes = len(CAPTIONS) if conditioning == "class" else 0
     text = conditioning in ("cross_attn", "pooled_token")
     if text:
-        cfg.text_encoder.kind, cfg.text_encoder.name, cfg.text_encoder.random_init = "hf", "bert", True
+        cfg.text_encoder.kind, cfg.text_encoder.random_init = "open_clip", True  # tiny random CLIP text tower
         cfg.text_encoder.max_length = 8
     cfg.diffusion.T, cfg.diffusion.sample_steps = 16, 4
     cfg.latents.shards = str(root / "latents" / "latents-{000000..000001}.tar")
@@ -117,6 +117,16 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     save_config(cfg, folder / "config.json")
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast on a quiet machine and several times faster
+    on a busy shared one, where threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def shared_root(tmp_path_factory) -> Path:
