@@ -45,13 +45,8 @@ def diversity(latents: np.ndarray) -> float:
     return float(pair_diff / (n * (n - 1) / 2) / flat.shape[1])
 
 
-def images_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class ClipScorer:
-    """An OpenCLIP model from a local checkpoint: `score(images, prompts)` per image.
+    """An OpenCLIP model from a local checkpoint: `score(image_features(images), prompts)` per image.
 
     `model`: an OpenCLIP architecture name (with `checkpoint` a local file) or
     `local-dir:FOLDER` (an OpenCLIP export with open_clip_config.json and its weights).
