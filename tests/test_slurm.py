@@ -267,6 +267,8 @@ def test_train_t2i_two_nodes_completes(uninterrupted):
     assert re.search(r"^1: ", ranks, re.M), f"no line from rank 1:\n{ranks}"
     latest = read_latest(folder / "run" / "checkpoints")
     assert latest is not None and (latest / "model.safetensors").is_file(), logs
+    for rank in (0, 1):  # each rank wrote its ZeRO-2 optimizer partition
+        assert (latest / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file(), sorted(latest.iterdir())
     assert final_step(folder / "run") == TRAIN_STEPS
 
 
