@@ -4,7 +4,7 @@
 #
 # Partition, account and QOS are read by sbatch itself at submission, so also source this
 # file in the shell you submit from (or pass -p/-A/-q on the sbatch command line):
-#   source slurm/env.sh && sbatch slurm/train_t2i.sh recipes/t2i_base.yaml
+#   source slurm/env.sh && sbatch slurm/train_t2i.sh recipes/t2i_256.yaml
 export SBATCH_PARTITION=gpu
 export SBATCH_ACCOUNT=my_project
 # export SBATCH_QOS=normal

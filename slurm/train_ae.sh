@@ -1,8 +1,8 @@
 #!/bin/bash
 # Train a binary autoencoder (SPEC section 1): one process per GPU on every node of the allocation.
 #
-#   sbatch [--nodes=4 --partition=... --account=...] slurm/train_ae.sh recipes/ae/ae64.yaml [section.key=value ...]
-#   bash slurm/train_ae.sh recipes/ae/ae64.yaml ...    # no SLURM: torchrun on the local GPUs (or CPU processes)
+#   sbatch [--nodes=4 --partition=... --account=...] slurm/train_ae.sh recipes/ae/emoji64.yaml [section.key=value ...]
+#   bash slurm/train_ae.sh recipes/ae/emoji64.yaml ...    # no SLURM: torchrun on the local GPUs (or CPU processes)
 #
 # Cluster specifics come from the env file (slurm/env.example.sh). Change --ntasks-per-node
 # and --gpus-per-node together: one task per GPU. USR1 arrives 5 minutes before the time

@@ -1,8 +1,8 @@
 #!/bin/bash
 # Train a text-to-image denoiser: one process per GPU on every node of the allocation.
 #
-#   sbatch [--nodes=4 --partition=... --account=...] slurm/train_t2i.sh recipes/t2i_base.yaml [section.key=value ...]
-#   bash slurm/train_t2i.sh recipes/t2i_base.yaml ...    # no SLURM: torchrun on the local GPUs (or CPU processes)
+#   sbatch [--nodes=4 --partition=... --account=...] slurm/train_t2i.sh recipes/t2i_256.yaml [section.key=value ...]
+#   bash slurm/train_t2i.sh recipes/t2i_256.yaml ...    # no SLURM: torchrun on the local GPUs (or CPU processes)
 #
 # Cluster specifics come from the env file (slurm/env.example.sh). Change --ntasks-per-node
 # and --gpus-per-node together: one task per GPU. USR1 arrives 5 minutes before the time
