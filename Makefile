@@ -5,6 +5,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# The venv's tools first: its ninja builds DeepSpeed's JIT op; a different ninja on another
+# PATH would discard the build log and rebuild the op on every start.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 # DeepSpeed JIT-compiles a CPU shared-memory op on first use (~50 s); keep it in a stable cache.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/bld_t2i/torch_extensions
 export WANDB_MODE ?= offline

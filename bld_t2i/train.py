@@ -220,6 +220,7 @@ def train(cfg: Config) -> Path:
     D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
              f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), latents {latent_shape}, "
              f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}")
+    print(f"[train] rank {info.rank}/{info.world_size} (local {info.local_rank}) on {device}", flush=True)
     flops = 3 * model.flops_per_sample(text_len=cfg.text_encoder.max_length) if cfg.denoiser.conditioning == "cross_attn" \
         else 3 * model.flops_per_sample()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "null" not in n]
