@@ -1,15 +1,16 @@
 """The binary autoencoder: training-step throughput per preset, and the emoji recipe end to end.
 
     python bench/bench_ae.py [--presets ae64-f4 ae64-tiny ...] [--batch 16] [--steps 3]
-                             [--recipe recipes/ae/emoji64.yaml] [--out runs/bench-ae] [--nproc 2] [--skip-train]
+    python bench/bench_ae.py --train [--recipe recipes/ae/emoji64.yaml] [--out runs/bench-ae-train] [--nproc 2]
 
-(a) Throughput: one training step of each preset at its resolution (forward with sampled
-    bits, L1, backward, AdamW), in this process, after one warm-up step; no GAN or LPIPS.
-(b) Real data: `python -m bld_t2i.train_ae --recipe RECIPE` under torchrun, `--nproc` CPU ranks
-    of one thread each (on 2 shared cores two single-threaded ranks beat one two-threaded
-    process), from an empty output folder, timed from start to export; the held-out metrics are the trainer's
-    own final evaluation (`eval.json`: deterministic codes of the eval shards).
-Writes bench/results/ae_<cpu|gpu>.md.
+(a) Throughput (the default, a minute or two): one training step of each preset at its
+    resolution (forward with sampled bits, L1, backward, AdamW), in this process, after one
+    warm-up step; no GAN or LPIPS. Writes bench/results/ae_throughput_<cpu|gpu>.md.
+(b) Real data (`--train`, about 20 minutes on 2 CPU cores): `python -m bld_t2i.train_ae --recipe
+    RECIPE` under torchrun, `--nproc` CPU ranks of one thread each (on 2 shared cores two
+    single-threaded ranks beat one two-threaded process), from an empty output folder, timed
+    from start to export; the held-out metrics are the trainer's own final evaluation
+    (`eval.json`: deterministic codes of the eval shards). Writes bench/results/ae_<cpu|gpu>.md.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 
 from bld_t2i.config import AutoencoderConfig, load_config
 from bld_t2i.models.binary_ae import AE_PRESETS, BinaryAutoencoder
+from bld_t2i.train_ae import EXPORT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_suffix, machine_stamp, markdown_table, write_result  # noqa: E402
+from common import device_suffix, machine_stamp, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +77,7 @@ def train_recipe(recipe: str, out: Path, nproc: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "eval.json").read_text())
-    ae = BinaryAutoencoder.from_pretrained(out / "autoencoder")
+    ae = BinaryAutoencoder.from_pretrained(out / EXPORT_DIR)
     h, w, c = ae.latent_shape
     return {"recipe": recipe, "preset": cfg.autoencoder.preset, "bits/image": h * w * c, "ranks": nproc,
             "train samples": cfg.train.total_samples, "wall time (min)": seconds / 60,
@@ -88,26 +90,25 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["ae64-tiny", "ae64-f4", "ae128-small"], choices=sorted(AE_PRESETS))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--train", action="store_true", help="train the recipe on real data instead (about 20 minutes)")
     p.add_argument("--recipe", default="recipes/ae/emoji64.yaml")
-    p.add_argument("--out", default="runs/bench-ae")
+    p.add_argument("--out", default="runs/bench-ae-train")
     p.add_argument("--nproc", type=int, default=2, help="training ranks (one thread each)")
-    p.add_argument("--skip-train", action="store_true", help="throughput only")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stamp = machine_stamp()
-    rows = [step_throughput(name, args.batch, args.steps, device) for name in args.presets]
-    for row in rows:
-        print(row, flush=True)
-    notes = ["(a) Above: one training step (sampled bits, L1, backward, AdamW), fp32, after one warm-up step."]
-    if not args.skip_train:
+    if args.train:
         result = train_recipe(args.recipe, ROOT / args.out, args.nproc)
-        print(result, flush=True)
-        notes += [f"(b) Real data: `python -m bld_t2i.train_ae --recipe {args.recipe}` on {args.nproc} rank(s) of one "
-                  "thread each, from scratch, wall time to "
-                  "export; metrics on the held-out shards with deterministic codes (p > 0.5); dead bits: share of "
-                  "the C bit channels whose mean code is below 1% or above 99%.", markdown_table([result])]
-    path = write_result(f"ae_{device_suffix()}", "Binary autoencoder", rows, "\n\n".join(notes), stamp)
+        notes = (f"`python -m bld_t2i.train_ae --recipe {args.recipe}` on {args.nproc} rank(s) of one thread each, "
+                 "from scratch; wall time from launch to export. Metrics on the held-out shards with deterministic "
+                 "codes (p > 0.5); dead bits: share of the C bit channels whose mean code is below 1% or above 99%; "
+                 "bit entropy: mean binary entropy of each of the h*w*C bits over the held-out images.")
+        path = write_result(f"ae_{device_suffix()}", "Binary autoencoder on real emoji", [result], notes, stamp)
+    else:
+        rows = [step_throughput(name, args.batch, args.steps, device) for name in args.presets]
+        notes = "One training step (sampled bits, L1, backward, AdamW), fp32, after one warm-up step."
+        path = write_result(f"ae_throughput_{device_suffix()}", "Binary autoencoder training throughput", rows, notes, stamp)
     print(f"wrote {path}")
 
 

@@ -35,7 +35,7 @@ from bld_t2i.ema import update_ema
 from bld_t2i.models.ae_losses import LPIPS, PatchDiscriminator, bit_stats, generator_loss, hinge_d_loss, psnr, ssim
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 
-EXPORT_DIR = "autoencoder"
+EXPORT_DIR = "export"  # like the t2i trainer: <out_dir>/export
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -240,9 +240,12 @@ def train(cfg: Config) -> Path:
     if info.is_main:
         if cfg.data.eval_shards:
             metrics, xs, x_hats = evaluate(cfg, ema, device)
-            save_grid(out_dir / "recon" / "recon-final.png", xs, x_hats)
             write_stats(stats_path, {"samples": samples, "step": step, **metrics}, wandb_run)
             (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        else:  # no held-out images: show the last training batch
+            xs = next(loader)["image"][: lc.grid_images].to(device)
+            x_hats = ema.decode(ema.encode(xs))
+        save_grid(out_dir / "recon" / "recon-final.png", xs, x_hats)
         fingerprint = ema.save_pretrained(export)
         distributed.print0(f"exported the EMA autoencoder to {export} (fingerprint {fingerprint[:16]}...)")
         if wandb_run is not None:

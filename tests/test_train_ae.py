@@ -5,13 +5,12 @@ real emoji."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -43,9 +42,10 @@ def test_lr_warms_up_and_decays():
 
 
 def test_resume_continues_exactly(tmp_path, write_image_shards):
-    """4 steps in one go == 2 steps, stop, rerun: same stats and the same EMA weights."""
+    """4 steps in one go == 2 steps, stop, rerun: same stats and the same EMA weights (in bf16)."""
     shards = write_image_shards(str(tmp_path / "data"), 2, 16, size=32)
-    common = [f"data.shards={shards}", f"data.eval_shards={shards}", "train.total_samples=16", "train.ckpt_every_samples=8"]
+    common = [f"data.shards={shards}", f"data.eval_shards={shards}", "train.total_samples=16", "train.ckpt_every_samples=8",
+              "train.precision=bf16"]
     full = train(load_config(TINY, [f"run.out_dir={tmp_path / 'full'}", *common]))
     train(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common, "train.max_steps=2"]))
     assert torch.load(tmp_path / "split" / "checkpoints" / "ckpt-000000000008.pt", weights_only=False)["step"] == 2
@@ -67,13 +67,18 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
            f"data.shards={tiny_image_shards}", f"data.eval_shards={tiny_image_shards}", "train.total_samples=100000",
            "train.sample_every_samples=16"]
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
     ckpts = out / "checkpoints"
     deadline = time.time() + 300
     while not sorted(ckpts.glob("ckpt-*.pt"))[1:] and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-run, without warning
+    # the whole job, mid-run, without warning: torchrun starts each rank in its own session
+    job = psutil.Process(proc.pid)
+    procs = [job, *job.children(recursive=True)]
+    for p in procs:
+        p.kill()
     proc.wait()
+    assert not psutil.wait_procs(procs, timeout=30)[1]
     assert proc.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
     saved = sorted(ckpts.glob("ckpt-*.pt"))
     assert saved, (tmp_path / "first.log").read_text()[-3000:]
@@ -81,28 +86,29 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     assert len(state["data"]) == 2 and [d["rank"] for d in state["data"]] == [0, 1]
     assert (out / "recon" / "recon-000000000016.png").is_file()
 
-    done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 3}"],
+    done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 3}", "log.wandb=true"],
                env=train_env(), timeout=300)
     text = done.stdout + done.stderr
-    assert f"resumed from {saved[-1]} at {state['samples']} samples" in text
+    assert f"resumed from {saved[-1]} at {state['samples']} samples" in text, text[-3000:]
     records = [r for r in _records(out) if "train/l1" in r]
     samples = [r["samples"] for r in records]
     assert samples == sorted(set(samples)) and samples[-1] == state["samples"] + 3 * 8
-    ae = BinaryAutoencoder.from_pretrained(out / "autoencoder")
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # rank 0 only, offline
+    ae = BinaryAutoencoder.from_pretrained(out / "export")
     assert ae.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 4, 8)
 
 
 def test_emoji_quick(tmp_path):
-    """A few hundred steps of the emoji recipe at 32 px: it learns (looser bar than the 20-minute run)."""
+    """The emoji recipe for 300 steps at 32 px on held-out emoji: it learns (a looser bar than the 20-minute run)."""
     data = tmp_path / "emoji"
-    run([sys.executable, "data_tools/make_shards.py", "--source", "emoji", "--size", "32", "--limit", "640",
+    run([sys.executable, "data_tools/make_shards.py", "--source", "emoji", "--size", "32", "--limit", "480",
          "--shard-size", "160", "--out", str(data)], timeout=300)
     out = tmp_path / "run"
-    cfg = load_config(EMOJI, [f"run.out_dir={out}", f"data.shards={data}/shard-{{000000..000002}}.tar",
-                              f"data.eval_shards={data}/shard-000003.tar", "data.image_size=32",
-                              "train.total_samples=4800", "train.sample_every_samples=0", "ae_loss.eval_samples=160"])
+    cfg = load_config(EMOJI, [f"run.out_dir={out}", f"data.shards={data}/shard-{{000000..000001}}.tar",
+                              f"data.eval_shards={data}/shard-000002.tar", "data.image_size=32",
+                              "train.total_samples=1200", "ae_loss.eval_samples=160"])
     train(cfg)
     metrics = json.loads((out / "eval.json").read_text())
     assert metrics["eval/images"] == 160
-    assert metrics["eval/psnr"] >= 18.0 and metrics["eval/dead_bits"] <= 0.25, metrics
+    assert metrics["eval/psnr"] >= 14.0 and metrics["eval/dead_bits"] <= 0.25, metrics
     assert (out / "recon" / "recon-final.png").is_file()
