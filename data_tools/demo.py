@@ -28,7 +28,9 @@ def stage(n: int, total: int, title: str, out: Path, marker: Path, cmd: list[str
         return
     print(f"           $ {shlex.join(cmd)}", flush=True)
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    # This interpreter's environment first on PATH: slurm/train_t2i.sh starts torchrun from it.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
     if proc.returncode != 0:
         sys.exit(f"[demo] stage {n} failed (exit {proc.returncode}); rerun `make demo` to resume it")
     marker.parent.mkdir(parents=True, exist_ok=True)
