@@ -5,8 +5,10 @@ and the report rendered in headless Chromium with every image loaded."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,20 @@ def test_images_are_reproducible_alone_and_split_across_ranks(tiny, tmp_path, mo
     alone = pipe.sample_latents(["grinning face"], steps=4, guidance=2.5, seed=[derive_seed(1, "1", 1)])
     stored = (tmp_path / "split" / "images" / "s4_w2.5_t1" / "1" / "001.bits").read_bytes()
     assert pack_bits(alone.numpy())[0].tobytes() == stored
+
+
+def test_torchrun_splits_prompts_across_two_ranks(tiny, tmp_path):
+    sheet = _write(tmp_path / "s.txt", "red apple\ngrinning face\nblue square\n")
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bld_t2i.evaluate",
+           "--model", str(tiny / "model-cross_attn-empty_caption"), "--prompts", str(sheet), "--out", str(out),
+           "--steps", "4", "--images-per-prompt", "2", "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    timing = {p.name: json.loads(p.read_text())["s4_w0_t1"]["n"] for p in (out / "timing").iterdir()}
+    assert timing == {"rank0.json": 4, "rank1.json": 2}  # prompts 0 and 2 on rank 0, prompt 1 on rank 1
+    assert json.loads((out / "metrics.json").read_text())["settings"][0]["samples_timed"] == 6
+    assert len(list((out / "images").rglob("*.png"))) == 6 and (out / "index.html").is_file()
 
 
 def test_nearest_neighbour_of_a_training_latent_is_itself(tiny):
