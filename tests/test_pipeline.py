@@ -29,6 +29,7 @@ from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder
 from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
+from bld_t2i.evaluate import main as evaluate_main
 from bld_t2i.sample import main as sample_main
 
 RES = 32  # image size of the tiny model: 4x4 grid x 16 bits
@@ -169,6 +170,21 @@ def test_class_unconditional_and_pooled_models(tmp_path, tmp_path_factory, condi
     assert out.latents.shape == (2, 4, 4, 16)
     grid = pipe.save_grid(["red apple"], tmp_path / "grid.png", seed=1)
     assert Image.open(grid).size[0] > RES
+    # the CLIs: a class label or no condition for `sample`; label sheets for `evaluate`
+    condition = {"class": ["--class-label", "2"], "none": [], "pooled_token": ["--prompt", "red apple"]}[conditioning]
+    sample_main(["--model", str(folder), "--out", str(tmp_path / "cli"), "--steps", "4", "--num-images", "2",
+                 "--device", "cpu", *condition])
+    assert len(list((tmp_path / "cli").glob("*.png"))) == 3
+    if conditioning == "class":
+        sheet = tmp_path / "labels.txt"
+        sheet.write_text("0\n3\n")
+        evaluate_main(["--model", str(folder), "--prompts", str(sheet), "--out", str(tmp_path / "eval"), "--steps", "4",
+                       "--images-per-prompt", "2", "--device", "cpu"])
+        assert len(list((tmp_path / "eval" / "grids").rglob("*.png"))) == 2
+        sheet.write_text("0\napple\n")
+        with pytest.raises(SystemExit, match="line 2: a class-conditional model takes an integer class label"):
+            evaluate_main(["--model", str(folder), "--prompts", str(sheet), "--out", str(tmp_path / "eval2"),
+                           "--device", "cpu"])
 
 
 def test_bf16_sampling(text_model):
