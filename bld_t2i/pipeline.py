@@ -259,7 +259,7 @@ class BLDPipeline:
         if init_image is not None:
             known, keep = self.inpainting_inputs(init_image, mask)
 
-        per_image = not isinstance(seed, int) and generator is None
+        per_image = not isinstance(seed, (int, np.integer)) and generator is None
         if per_image:
             if len(seed) != B:
                 raise ValueError(f"{len(seed)} seeds for {B} images")
