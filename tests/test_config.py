@@ -48,6 +48,8 @@ def test_unknown_key_names_key_and_nearest(tmp_path):
 def test_wrong_type_names_key():
     with pytest.raises(ConfigError, match=r"'train\.total_samples'.*integer"):
         load_config(None, ["train.total_samples=many"])
+    with pytest.raises(ConfigError, match=r"'optim\.lr'.*number"):
+        load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"'log\.wandb'.*true/false"):
         load_config(None, ["log.wandb=3"])
     with pytest.raises(ConfigError, match=r"'optim'.*section"):
