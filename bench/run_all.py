@@ -3,8 +3,8 @@
     python bench/run_all.py [--only train data ...] [--timeout 1800]
 
 Each `bench/bench_*.py` runs as its own subprocess, with `--quick` when it declares that
-flag (as it is otherwise). The Markdown files it writes into bench/results/ during its run
-are collected into bench/results/ALL_<cpu|gpu>.md under one machine stamp. A benchmark that
+flag (as it is otherwise). The `<name>_<cpu|gpu>.md` files `bench_<name>.py` writes into
+bench/results/ during its run are collected into bench/results/ALL_<cpu|gpu>.md under one machine stamp. A benchmark that
 fails or times out is a row marked failed with its error; the others still run. The exit
 status is 1 when any failed, after the file is written.
 """
@@ -12,6 +12,8 @@ status is 1 when any failed, after the file is written.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,13 +29,25 @@ def run_one(script: Path, timeout: float) -> tuple[dict, list[Path], str]:
     cmd = [sys.executable, str(script)] + (["--quick"] if '"--quick"' in script.read_text() else [])
     print(f"[run_all] {' '.join(cmd[1:])}", flush=True)
     start = time.time()
+    # Its own session, so a timeout reaches the benchmark's whole process group; SIGTERM first,
+    # because torchrun starts its workers in sessions of their own and only ends them itself.
+    proc = subprocess.Popen(cmd, cwd=BENCH.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=BENCH.parent, capture_output=True, text=True, timeout=timeout)
-        error = "" if proc.returncode == 0 else f"exit {proc.returncode}\n{proc.stderr.strip()[-3000:]}"
+        _, stderr = proc.communicate(timeout=timeout)
+        error = "" if proc.returncode == 0 else f"exit {proc.returncode}\n{stderr.strip()[-3000:]}"
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         error = f"timed out after {timeout:.0f} s"
     seconds = time.time() - start
-    written = sorted(p for p in RESULTS.glob("*.md") if p.stat().st_mtime >= start and not p.name.startswith("ALL_"))
+    # bench_<name>.py writes <name>_<cpu|gpu>.md; only a file written during this run is its result.
+    name = script.stem.removeprefix("bench_")
+    written = [p for p in sorted(RESULTS.glob(f"{name}_*.md")) if p.stat().st_mtime >= start]
     last_line = error.strip().splitlines()[-1] if error else ""
     row = {"benchmark": script.name, "flags": " ".join(cmd[2:]), "status": "failed" if error else "ok",
            "seconds": round(seconds), "results": ", ".join(p.name for p in written), "error": last_line}
