@@ -8,8 +8,10 @@ PIP := $(VENV)/bin/pip
 # The venv's tools first: its ninja builds DeepSpeed's JIT op; a different ninja on another
 # PATH would discard the build log and rebuild the op on every start.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-# DeepSpeed JIT-compiles a CPU shared-memory op on first use (~50 s); keep it in a stable cache.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/bld_t2i/torch_extensions
+# DeepSpeed JIT-compiles a CPU shared-memory op on first use (~50 s); keep it in a stable
+# cache of this venv's own: its build file names the venv's paths, so two venvs sharing one
+# cache would rebuild it for each other on every start.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -153,7 +153,7 @@ def run(path: str, procs: int, preset: str, batch: int, steps: int, warmup: int,
             if path == "deepspeed" else [sys.executable]
         env = dict(os.environ)
         # DeepSpeed JIT-compiles its CPU communication op once; share the Makefile's cache.
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bld_t2i" / "torch_extensions"))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         env["OMP_NUM_THREADS"] = str(threads_per_process(procs, args))
         print(f"[bench_train] {path} x{procs} {preset} batch {batch}: {warmup} warm-up + {steps} timed steps", flush=True)
         proc = subprocess.run(launcher + worker, env=env, capture_output=True, text=True)

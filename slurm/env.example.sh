@@ -21,7 +21,7 @@ source /path/to/bld_t2i/.venv/bin/activate
 
 # Paths: per-rank logs (job id and restart count in the name), caches on fast local disk.
 export BLD_LOG_DIR=logs
-export TORCH_EXTENSIONS_DIR=$HOME/.cache/bld_t2i/torch_extensions
+export TORCH_EXTENSIONS_DIR=$VIRTUAL_ENV/torch_extensions  # one per venv: its build names the venv's paths
 export HF_HOME=/path/to/shared/hf_cache
 export HF_HUB_OFFLINE=1
 # wandb: online on clusters with internet on the compute nodes, offline elsewhere (sync later).

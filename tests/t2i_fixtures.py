@@ -72,7 +72,7 @@ def train_command(nproc: int, out_dir: Path, latents: str, ae: Path, *overrides:
 
 def train_env() -> dict:
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "bld_t2i" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # as the Makefile
     env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
     env["WANDB_MODE"] = "offline"
     return env

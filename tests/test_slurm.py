@@ -52,7 +52,7 @@ def write_env_file(folder: Path, extra: str = "") -> Path:
         f"export PATH={tools}:$PATH\n"
         f"export BLD_LOG_DIR={folder / 'logs'}\n"
         # As `make test` sets it: DeepSpeed's JIT-compiled CPU op is built once and reused.
-        "export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/bld_t2i/torch_extensions}\n"
+        f"export TORCH_EXTENSIONS_DIR=${{TORCH_EXTENSIONS_DIR:-{Path(sys.prefix) / 'torch_extensions'}}}\n"
         "export WANDB_MODE=offline\n"
         f"{extra}"
     )
