@@ -99,16 +99,17 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
 
 
 def test_emoji_quick(tmp_path):
-    """The emoji recipe for 300 steps at 32 px on held-out emoji: it learns (a looser bar than the 20-minute run)."""
+    """The emoji recipe for 160 steps at 32 px: it learns beyond the mean image (11.0 dB) on held-out
+    emoji (a looser bar than the 20-minute run's)."""
     data = tmp_path / "emoji"
-    run([sys.executable, "data_tools/make_shards.py", "--source", "emoji", "--size", "32", "--limit", "480",
-         "--shard-size", "160", "--out", str(data)], timeout=300)
+    run([sys.executable, "data_tools/make_shards.py", "--source", "emoji", "--size", "32", "--limit", "240",
+         "--shard-size", "80", "--out", str(data)], timeout=300)
     out = tmp_path / "run"
     cfg = load_config(EMOJI, [f"run.out_dir={out}", f"data.shards={data}/shard-{{000000..000001}}.tar",
                               f"data.eval_shards={data}/shard-000002.tar", "data.image_size=32",
-                              "train.total_samples=1200", "ae_loss.eval_samples=160"])
+                              "train.total_samples=640", "train.ema_decay=0.9", "ae_loss.eval_samples=80"])
     train(cfg)
     metrics = json.loads((out / "eval.json").read_text())
-    assert metrics["eval/images"] == 160
-    assert metrics["eval/psnr"] >= 14.0 and metrics["eval/dead_bits"] <= 0.25, metrics
+    assert metrics["eval/images"] == 80
+    assert metrics["eval/psnr"] >= 12.0 and metrics["eval/dead_bits"] <= 0.25, metrics
     assert (out / "recon" / "recon-final.png").is_file()
