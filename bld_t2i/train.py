@@ -11,7 +11,6 @@ SIGUSR1/SIGTERM (SLURM preemption) save a checkpoint and exit cleanly.
 
 from __future__ import annotations
 
-import math
 import posixpath
 import shutil
 import signal
@@ -33,6 +32,7 @@ from .data.latents import latent_loader, null_embedding, read_manifest
 from .data.shards import expand_urls
 from .models.binary_ae import BinaryAutoencoder
 from .tracking import StatsLogger
+from .train_ae import lr_at  # one warm-up + decay schedule for both trainers
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 TIME_BUCKETS = 4
@@ -47,18 +47,6 @@ def _request_stop(signum, frame):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lr_at(samples: int, cfg, total_samples: int) -> float:
-    """Linear warm-up over `warmup_samples`, then cosine/linear decay to `min_lr_ratio * lr`."""
-    if cfg.warmup_samples > 0 and samples < cfg.warmup_samples:
-        return cfg.lr * (samples + 1) / cfg.warmup_samples
-    if cfg.decay == "constant":
-        return cfg.lr
-    span = max(total_samples - cfg.warmup_samples, 1)
-    progress = min(max(samples - cfg.warmup_samples, 0) / span, 1.0)
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -275,7 +263,7 @@ def train(cfg: Config) -> Path:
         loss, per_sample, t = diffusion_loss(model_fn, z_0, cond, a, cfg.diffusion.loss, cfg.diffusion.aux_weight, g)
         finite = D.all_reduce_sum(torch.tensor([float(torch.isfinite(loss))], device=device)).item() == info.world_size
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state["samples"], cfg.optim, cfg.train.total_samples)
+            group["lr"] = lr_at(cfg.optim, state["samples"], cfg.train.total_samples)
         if finite:
             engine.backward(loss)
             engine.step()
