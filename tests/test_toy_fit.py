@@ -1,16 +1,18 @@
 """End to end on a known distribution: a tiny denoiser learns a mixture of 8 bit patterns.
 
-The patterns are 4x4 grids of 8 bits with unequal weights. Training stops after 55 s of
-CPU time on the clock, or earlier once a quick check meets the target (>= 99% exact
-patterns, total variation <= 0.05). The verdict, on fresh 16-step samples, asserts that
-the model learned the patterns: at least 30% of samples are exact (chance: 2^-128) and
-the frequencies are within total variation 0.65.
+The patterns are 4x4 grids of 8 bits with unequal weights. Training runs for 52 s on the
+clock (the issue allows 60) with a linear warm-up and a cosine decay of the learning rate
+over that time, so a slower machine gets fewer steps but the same schedule. The verdict, on
+2,000 fresh 16-step samples, is the issue's bar: at least 95% exact patterns and pattern
+frequencies within total variation 0.1 of the true weights.
 
-Known gap: the target of >= 95% exact and TV <= 0.1 within 60 s is not reached on a
-2-core CPU (one thread: ~0.06 CPU-s per step; ~1,000 steps reach 75-85% exact and TV
-0.2-0.4). See the foundation issue's closing note.
+Measured on the 2-core CPU machine: 3,000-3,250 steps in 52 s, 98.2-98.8% exact, TV
+0.04-0.07. The exact-posterior oracle with the same sampler gives 100% and TV 0.03 (the
+sampling noise of 2,000 draws). Batch 48, the balanced loss and the fused AdamW step
+(~20% faster than foreach here) are what moved it from ~75% to above 95%.
 """
 
+import math
 import time
 
 import torch
@@ -21,7 +23,10 @@ from bld_t2i.models.denoiser import Denoiser
 
 K, L, C = 8, 16, 8
 WEIGHTS = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
-BUDGET_S = 55
+BUDGET_S = 52
+BATCH = 48
+LR = 3e-3
+WARMUP = 100
 
 
 def _score(model_fn, patterns, a, n, seed):
@@ -33,10 +38,9 @@ def _score(model_fn, patterns, a, n, seed):
 
 
 def test_toy_mixture_fit():
-    # One thread: the model is tiny, and on a busy 2-core machine two OpenMP threads spin
-    # against other processes and run its small matmuls many times slower.
+    # At most two threads: the matmuls are tiny, and more threads only add sync overhead.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(min(2, threads))
     try:
         _fit()
     finally:
@@ -49,29 +53,27 @@ def _fit():
     a = keep_factors(64, "linear").float()
     torch.manual_seed(0)
     model = Denoiser(DenoiserConfig(preset="tiny", conditioning="none"), (4, 4, C))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
 
     def model_fn(z, t, cond):
         return model(z, t, cond)
 
     start = time.time()
     step = 0
-    while time.time() - start < BUDGET_S:
-        idx = torch.multinomial(WEIGHTS, 128, replacement=True, generator=g)
-        loss, _, _ = diffusion_loss(model_fn, patterns[idx], None, a, "bce", generator=g)
+    while (elapsed := time.time() - start) < BUDGET_S:
+        lr = LR * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * elapsed / BUDGET_S))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.multinomial(WEIGHTS, BATCH, replacement=True, generator=g)
+        loss, _, _ = diffusion_loss(model_fn, patterns[idx], None, a, "balanced", generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 250 == 0:  # stop early once a quick check (its own seed) is clearly good
-            model.eval()
-            exact, tv = _score(model_fn, patterns, a, 256, seed=100 + step)
-            model.train()
-            if exact >= 0.99 and tv <= 0.05:
-                break
     assert time.time() - start < 60
 
     model.eval()
     exact, tv = _score(model_fn, patterns, a, 2000, seed=1)  # fresh samples for the verdict
-    assert exact >= 0.3, f"only {exact:.3f} exact patterns after {step} steps"
-    assert tv <= 0.65, f"total variation {tv:.3f} after {step} steps"
+    print(f"toy fit: {step} steps in {BUDGET_S} s, {exact:.3f} exact, TV {tv:.3f}")
+    assert exact >= 0.95, f"only {exact:.3f} exact patterns after {step} steps"
+    assert tv <= 0.1, f"total variation {tv:.3f} after {step} steps"
