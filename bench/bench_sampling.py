@@ -2,6 +2,7 @@
 
     python bench/bench_sampling.py [--presets tiny authors] [--steps 16 64] [--guidance 0 10]
                                    [--batch 8 1] [--threads 1 2] [--device auto|cpu|cuda] [--dtype fp32|bf16]
+                                   [--quick]
 
 Presets (random weights: speed does not depend on them):
   tiny     denoiser "tiny" (2 x 64) on the ae64-tiny autoencoder: 64px, 8x8x16-bit latents;
@@ -11,8 +12,10 @@ The condition is one class token, the same compute as the authors' single pooled
 token; guidance w > 0 runs the conditional and the null branch in one batched forward.
 Generation is `sample_latents` (a whole batch under one seed), decode is the autoencoder;
 each is timed after one warm-up batch. `--threads` lists torch CPU thread counts to try: on a
-shared, loaded machine fewer threads can be much faster (threads wait on each other). The poster's figures (BLD 0.20 s at 16 steps, 0.82 s
-at 64 steps, SPEC section 4) are from a GPU. Writes bench/results/sampling_<cpu|gpu>.md.
+shared, loaded machine fewer threads can be much faster (threads wait on each other).
+`--quick` (make bench) times the authors' model without guidance only: on a CPU its guided
+64-step sample takes minutes. The poster's figures (BLD 0.20 s at 16 steps, 0.82 s at 64
+steps, SPEC section 4) are from a GPU. Writes bench/results/sampling_<cpu|gpu>.md.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()], help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--quick", action="store_true", help="the authors' model at w=0 only (make bench)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     default_batch = {"tiny": 8, "authors": 1} if device.type == "cpu" else {"tiny": 256, "authors": 32}
@@ -87,7 +91,8 @@ def main(argv=None) -> None:
     for preset, batch in zip(args.presets, batches):
         pipe = build(preset, device, DTYPES[args.dtype])
         params = sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6
-        for threads, steps, w in product(args.threads, args.steps, args.guidance):
+        guidance = [0.0] if args.quick and preset == "authors" else args.guidance
+        for threads, steps, w in product(args.threads, args.steps, guidance):
             torch.set_num_threads(threads)
             r = time_setting(pipe, steps, w, batch, args.repeats)
             row = {"preset": preset, "denoiser M params": round(params, 1),

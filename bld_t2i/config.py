@@ -109,7 +109,7 @@ class DiffusionConfig:
 class DenoiserConfig:
     """The denoising transformer (SPEC section 3); `preset` names a row of DENOISER_PRESETS."""
 
-    preset: str = "tiny"  # tiny | small | base | authors (24x768, ~172M) | large | xl
+    preset: str = "tiny"  # tiny | mini | small | base | authors (24x768, ~172M) | large | xl
     conditioning: str = "cross_attn"  # cross_attn | pooled_token | class | none
     num_classes: int = 0  # class conditioning; label num_classes is the null class
     cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample

@@ -2,6 +2,7 @@
 
 Rank, world size and local rank come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), from
 SLURM's srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or default to a single process.
+Preemption signals become a stop request that all ranks agree on (`stop_requested`).
 Model and diffusion code never import torch.distributed; they ask this module.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +114,37 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+# ----------------------------------------------------------------------------- preemption
+# SLURM signals every task of a job it preempts or times out (SIGUSR1 with --signal, SIGTERM
+# on scancel/requeue). The handler only records the signal; the training loop asks
+# `stop_requested()` between steps, so all ranks agree on the same step to checkpoint at.
+
+_stop_signal: int | None = None
+
+
+def _record_stop(signum, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def install_stop_handlers() -> None:
+    """Turn SIGUSR1 and SIGTERM into a stop request instead of killing the process."""
+    global _stop_signal
+    _stop_signal = None
+    signal.signal(signal.SIGUSR1, _record_stop)
+    signal.signal(signal.SIGTERM, _record_stop)
+
+
+def stop_signal() -> int | None:
+    """The signal this rank received, or None."""
+    return _stop_signal
+
+
+def stop_requested(device: torch.device | str = "cpu") -> bool:
+    """True on every rank once any rank got a stop signal (a collective: call it on all ranks)."""
+    return all_reduce_sum(torch.tensor([float(_stop_signal is not None)], device=device)).item() > 0
 
 
 def broadcast_object(obj, src: int = 0):

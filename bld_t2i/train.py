@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import posixpath
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -37,14 +36,6 @@ from .train_ae import lr_at  # one warm-up + decay schedule for both trainers
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 TIME_BUCKETS = 4
 EXPORT_FILES = ("model.safetensors", "config.json")  # loss is also logged per quarter of t/T
-
-_stop_signal: int | None = None
-
-
-def _request_stop(signum, frame):
-    global _stop_signal
-    _stop_signal = signum
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -193,8 +184,7 @@ def train(cfg: Config) -> Path:
     info = D.init(device)
     out = Path(cfg.run.out_dir)
     torch.manual_seed(cfg.run.seed + info.rank)
-    signal.signal(signal.SIGUSR1, _request_stop)
-    signal.signal(signal.SIGTERM, _request_stop)
+    D.install_stop_handlers()
 
     fingerprint, latent_shape = expected_latents(cfg)
     loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size)
@@ -251,6 +241,7 @@ def train(cfg: Config) -> Path:
     last_log, last_ckpt, last_grid, t_log = state["samples"], state["samples"], state["samples"], time.time()
     engine.train()
     data_iter = iter(loader)
+    stop = False
     while state["samples"] < cfg.train.total_samples and not (cfg.train.max_steps and state["step"] >= cfg.train.max_steps):
         t0 = time.time()
         batch = next(data_iter)
@@ -305,7 +296,7 @@ def train(cfg: Config) -> Path:
             acc.zero_()
             last_log, t_log = state["samples"], time.time()
 
-        stop = D.all_reduce_sum(torch.tensor([float(_stop_signal is not None)], device=device)).item() > 0
+        stop = D.stop_requested(device)
         done = state["samples"] >= cfg.train.total_samples or (cfg.train.max_steps and state["step"] >= cfg.train.max_steps)
         grid = bool(cfg.train.sample_every_samples) and state["samples"] - last_grid >= cfg.train.sample_every_samples
         if stop or done or grid or state["samples"] - last_ckpt >= cfg.train.ckpt_every_samples:
@@ -317,12 +308,12 @@ def train(cfg: Config) -> Path:
                 if info.is_main:
                     draw_sample_grid(folder, cfg, out / "samples" / f"{folder.name}.png", logger, state["step"])
         if stop:
-            D.print0(f"[train] preempted by signal {_stop_signal} at step {state['step']}; checkpoint saved")
+            D.print0(f"[train] preempted by signal {D.stop_signal() or 'on another rank'} at step {state['step']}; checkpoint saved")
             break
 
     latest = ckpt.read_latest(out / "checkpoints")
     export = out / "export"
-    if info.is_main and _stop_signal is None:
+    if info.is_main and not stop:
         # The finished model for sampling and evaluation, outside the rotating checkpoints.
         ckpt.save_folder(out, "export", lambda tmp: [shutil.copy2(latest / f, tmp / f) for f in EXPORT_FILES],
                          point_latest=False)

@@ -10,6 +10,8 @@ would save nothing.
 Progress is counted in samples; the bits are sampled with a generator seeded from
 (seed, rank, samples seen), so a resumed run draws what the uninterrupted one would have.
 Rerunning the same command resumes from the latest checkpoint in `run.out_dir/checkpoints`.
+SIGUSR1/SIGTERM (SLURM preemption) save a checkpoint at the next step and exit without an
+export, so the requeued job resumes there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from bld_t2i import distributed
+from bld_t2i.checkpoint import atomic_torch_save
 from bld_t2i.config import Config, OptimConfig, config_from_cli, save_config, to_dict
 from bld_t2i.data.images import image_loader
 from bld_t2i.ema import update_ema
@@ -68,9 +71,7 @@ def save_checkpoint(ckpt_dir: Path, state: dict, keep: int) -> Path:
     """Write ckpt-<samples>.pt through a temp name; keep the newest `keep`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt-{state['samples']:012d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(state, path)
     for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -133,10 +134,11 @@ def evaluate(cfg: Config, ae: BinaryAutoencoder, device: torch.device) -> tuple[
 # ----------------------------------------------------------------------------- training
 
 
-def train(cfg: Config) -> Path:
-    """Train, checkpoint, resume; returns the export folder (EMA weights)."""
+def train(cfg: Config) -> Path | None:
+    """Train, checkpoint, resume; returns the export folder (EMA weights), None if preempted."""
     device = distributed.pick_device(cfg.train.device)
     info = distributed.init(device)
+    distributed.install_stop_handlers()
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir, stats_path = out_dir / "checkpoints", out_dir / "stats.jsonl"
     lc, tc = cfg.ae_loss, cfg.train
@@ -185,6 +187,7 @@ def train(cfg: Config) -> Path:
     def crossed(every: int) -> bool:  # did this step pass a multiple of `every` samples?
         return every > 0 and samples // every != (samples - per_step) // every
 
+    stop = False
     while samples < tc.total_samples and not (tc.max_steps and step >= tc.max_steps):
         x = next(loader)["image"].to(device)  # (B, 3, H, W) in [-1, 1]
         for opt, mult in ((opt_g, 1.0), (opt_d, lc.disc_lr_mult)):
@@ -227,13 +230,23 @@ def train(cfg: Config) -> Path:
             logs, t_log, samples_log = defaultdict(list), time.time(), samples
             if info.is_main:
                 write_stats(stats_path, record, wandb_run)
-        if crossed(tc.ckpt_every_samples):
+        stop = distributed.stop_requested(device)
+        if crossed(tc.ckpt_every_samples) or stop:
             checkpoint(cfg, ckpt_dir, model, ema, disc, opt_g, opt_d, loader, samples, step)
+        if stop:
+            distributed.print0(f"preempted by signal {distributed.stop_signal() or 'on another rank'} "
+                               f"at {samples} samples (step {step}); checkpoint saved")
+            break
         if crossed(tc.sample_every_samples) and info.is_main and cfg.data.eval_shards:
             metrics, xs, x_hats = evaluate(cfg, ema, device)
             save_grid(out_dir / "recon" / f"recon-{samples:012d}.png", xs, x_hats)
             write_stats(stats_path, {"samples": samples, "step": step, **metrics}, wandb_run)
 
+    if stop:
+        if wandb_run is not None:
+            wandb_run.finish()
+        distributed.teardown()
+        return None
     if not crossed(tc.ckpt_every_samples):  # the loop's last step may have saved this one already
         checkpoint(cfg, ckpt_dir, model, ema, disc, opt_g, opt_d, loader, samples, step)
     export = out_dir / EXPORT_DIR

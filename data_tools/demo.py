@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+T2I_RECIPE = "recipes/t2i_emoji_demo.yaml"
 
 
 def stage(n: int, total: int, title: str, out: Path, marker: Path, cmd: list[str], env: dict | None = None) -> None:
@@ -56,17 +57,17 @@ def main(argv=None) -> None:
           out / ".done" / "shards",
           [PY, "data_tools/make_shards.py", "--source", "emoji", "--size", "64", "--shard-size", "500",
            "--out", str(shards), "--contact-sheet", str(out / "emoji_contact_sheet.png")])
-    stage(2, total, "A small binary autoencoder on the emoji (64px -> 16x16 grid of 16 bits), 2 CPU ranks", ae,
+    stage(2, total, "A small binary autoencoder on the emoji (32px -> 8x8 grid of 32 bits), one CPU process", ae,
           out / ".done" / "ae",
-          [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bld_t2i.train_ae",
-           "--recipe", "recipes/ae/emoji64_demo.yaml", f"data.shards={shard_spec}", f"run.out_dir={ae}"],
-          env={"OMP_NUM_THREADS": "1"})
-    stage(3, total, "Offline pre-encoding to bit-packed latent shards", latents, out / ".done" / "latents",
+          [PY, "-m", "bld_t2i.train_ae", "--recipe", "recipes/ae/emoji32_demo.yaml", f"data.shards={shard_spec}",
+           f"run.out_dir={ae}"])
+    stage(3, total, "Offline pre-encoding to bit-packed latent shards, with the captions' MiniLM embeddings",
+          latents, out / ".done" / "latents",
           [PY, "data_tools/encode_latents.py", "--shards", shard_spec, "--autoencoder", str(ae / "export"),
-           "--out", str(latents)])
+           "--out", str(latents), "--recipe", T2I_RECIPE])
     stage(4, total, "Text-conditioned denoiser, DeepSpeed ZeRO-2 on 2 CPU processes, caption dropout 0.1 "
           "(slurm/train_t2i.sh without SLURM)", t2i, out / ".done" / "t2i",
-          ["bash", "slurm/train_t2i.sh", "recipes/t2i_emoji_tiny.yaml", f"run.out_dir={t2i}",
+          ["bash", "slurm/train_t2i.sh", T2I_RECIPE, f"run.out_dir={t2i}",
            f"latents.shards={latent_spec}", f"autoencoder.path={ae / 'export'}"],
           env={"BLD_NPROC": "2", "OMP_NUM_THREADS": "1"})
     stage(5, total, "Prompt-sheet evaluation: seen and unseen emoji prompts, guidance 0 and 3", report,

@@ -1,10 +1,12 @@
 """The autoencoder trainer for real: shards through the real loader, DDP over 2 CPU
-ranks (gloo) under torchrun, a SIGKILL and a resume, exact resume, and a short run on
-real emoji."""
+ranks (gloo) under torchrun, a SIGKILL and a resume, a preemption signal and a resume,
+exact resume, and a short run on real emoji."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +115,34 @@ def test_emoji_quick(tmp_path):
     assert metrics["eval/images"] == 80
     assert metrics["eval/psnr"] >= 12.0 and metrics["eval/dead_bits"] <= 0.25, metrics
     assert (out / "recon" / "recon-final.png").is_file()
+
+
+def test_sigusr1_to_one_rank_checkpoints_both_and_the_rerun_resumes(tmp_path, tiny_image_shards):
+    """SLURM's --signal=USR1 ahead of a time limit: the ranks agree on one step, save it, exit 0
+    without an export; the same command resumes from there and finishes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "bld_t2i.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
+           f"data.shards={tiny_image_shards}", "train.total_samples=100000", "train.ckpt_every_samples=1000000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stats = out / "stats.jsonl"
+    deadline = time.time() + 300
+    while not (stats.exists() and len(stats.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2, ranks
+    rank1 = next(p for p in ranks if "LOCAL_RANK" in p.environ() and p.environ()["LOCAL_RANK"] == "1")
+    os.kill(rank1.pid, signal.SIGUSR1)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "preempted by signal on another rank" in log, log[-3000:]  # printed by rank 0, signalled rank 1
+    saved = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert len(saved) == 1 and not (out / "export").exists()
+    state = torch.load(saved[0], weights_only=False)
+    assert state["samples"] == state["step"] * 8 and [d["rank"] for d in state["data"]] == [0, 1]
+
+    done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 2}"],
+               env=train_env(), timeout=300)
+    assert f"resumed from {saved[0]} at {state['samples']} samples" in done.stdout + done.stderr
+    assert BinaryAutoencoder.from_pretrained(out / "export").latent_shape == (8, 8, 8)  # its native 64 px

@@ -32,7 +32,8 @@ from bld_t2i.config import DenoiserConfig
 # name: (depth, width D, heads). The grid (16x16 at 256px, 32x32 at 1024px) and the bits C
 # come from the latent shape, not from the preset.
 DENOISER_PRESETS: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 64, 2),  # CPU tests and demos
+    "tiny": (2, 64, 2),  # CPU tests
+    "mini": (4, 128, 4),  # the CPU demo (make demo)
     "small": (12, 384, 6),
     "base": (12, 768, 12),
     "authors": (24, 768, 12),  # the authors' 256px text-to-image model: ~172M parameters
