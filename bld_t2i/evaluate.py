@@ -3,11 +3,16 @@
     python -m bld_t2i.evaluate --model FOLDER --prompts SHEET --out DIR [--guidance 0,2.5,10]
         [--temperature 1.0,0.9] [--steps 16,64] [--images-per-prompt N] [--seed S]
         [--clip-model ViT-L-14 --clip-checkpoint FILE] [--inception FILE --reference SHARDS]
-        [--neighbours LATENT_FOLDER] [--wandb]
+        [--neighbours LATENT_FOLDER] [--inpaint-image IMG --inpaint-mask MASK] [--wandb]
     torchrun --nproc_per_node=N -m bld_t2i.evaluate ...    (prompts split across ranks)
 
 SHEET: .txt (a prompt a line), .csv / .tsv with a prompt column (PartiPrompts works as
 is) or .jsonl with prompt [, id, category, seed]. Rerunning skips finished images.
+
+--inpaint-image/--inpaint-mask (white = regenerate, fitted to the model's resolution like
+`bld_t2i.sample --init-image/--mask`): every (setting, prompt, image) is drawn again from
+its same seed with the image's bits kept outside the mask, into inpaint/, and the report
+gets an Inpainting section (original, reconstruction, mask, results, known bits kept).
 See bld_t2i/eval/run.py for the output layout.
 """
 
@@ -19,7 +24,7 @@ import sys
 import torch
 
 from bld_t2i import distributed as D
-from bld_t2i.eval.run import EvalOptions, evaluate, settings_grid
+from bld_t2i.eval.run import EvalOptions, InpaintError, evaluate, settings_grid
 from bld_t2i.eval.sheets import SheetError, read_sheet
 from bld_t2i.pipeline import BLDPipeline
 
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--neighbours-k", type=int, default=10)
     p.add_argument("--neighbours-clip", action="store_true",
                    help="also search in CLIP image space (needs --clip-model; decodes every training latent)")
+    p.add_argument("--inpaint-image", default="", help="image to inpaint for every prompt and setting (with --inpaint-mask)")
+    p.add_argument("--inpaint-mask", default="", help="inpainting mask: white = regenerate")
     p.add_argument("--wandb", action="store_true", help="log grids and the metrics table to wandb (offline)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -84,11 +91,14 @@ def main(argv=None) -> None:
                            fid_features=args.fid_features,
                            neighbours=args.neighbours, neighbours_k=args.neighbours_k,
                            neighbours_clip=args.neighbours_clip, wandb=args.wandb,
+                           inpaint_image=args.inpaint_image, inpaint_mask=args.inpaint_mask,
                            sheet=args.prompts, model=args.model)
         try:
             report = evaluate(pipe, rows, args.out, opts)
         except SheetError as e:
             sys.exit(f"bad prompt sheet {args.prompts}: {e}")
+        except InpaintError as e:
+            sys.exit(f"bad inpainting input: {e}")
         if report is not None:
             for s in report["settings"]:
                 D.print0(f"[evaluate] {s['setting']}: " + ", ".join(

@@ -249,3 +249,80 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # text and images drawn, not a blank page
+
+
+# ----------------------------------------------------------------------------- inpainting
+
+
+def _inpainting_inputs(folder: Path, res: int) -> tuple[Path, Path]:
+    """A drawing (a bright square on black) and a mask whose white right half is regenerated."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (res, res))
+    ImageDraw.Draw(image).rectangle((res // 4, res // 4, 3 * res // 4, 3 * res // 4), fill=(230, 200, 40))
+    mask = Image.new("L", (res, res), 0)
+    mask.paste(255, (res // 2, 0, res, res))
+    image.save(folder / "image.png")
+    mask.save(folder / "mask.png")
+    return folder / "image.png", folder / "mask.png"
+
+
+def test_inpainting_keeps_the_known_bits_and_is_reported(tiny, tmp_path):
+    from test_pipeline import build_tiny_model
+
+    model = build_tiny_model(tiny, "none", null_cond="learned", train_steps=4)
+    pipe = BLDPipeline.from_pretrained(model, device="cpu")
+    image, mask = _inpainting_inputs(tmp_path, pipe.autoencoder.resolution)
+    sheet = _write(tmp_path / "uncond.jsonl", '{"prompt": "group a", "id": "a"}\n{"prompt": "group b", "id": "b"}\n')
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--prompts", str(sheet), "--out", str(out), "--steps", "4", "--guidance", "0",
+            "--images-per-prompt", "3", "--device", "cpu", "--inpaint-image", str(image), "--inpaint-mask", str(mask)]
+    evaluate_main(argv)
+    inpainting = json.loads((out / "metrics.json").read_text())["inpainting"]
+    h, w, C = pipe.latent_shape
+    assert inpainting["cells"] == h * w and inpainting["kept_cells"] == h * w // 2  # the left half
+    assert inpainting["settings"] == {"s4_w0_t1": {"known_bits_kept": 1.0}}
+    # checked again here from the stored bits against the image's own encoding
+    known, keep = pipe.inpainting_inputs(str(image), str(mask))
+    kept = keep.reshape(h * w).bool()
+    changed = 0
+    for row in ("a", "b"):
+        for i in range(3):
+            bits = (out / "inpaint" / "images" / "s4_w0_t1" / row / f"{i:03d}.bits").read_bytes()
+            z = torch.from_numpy(unpack_bits(np.frombuffer(bits, np.uint8)[None], (h, w, C))).reshape(h * w, C)
+            assert torch.equal(z[kept].float(), known[0, kept])
+            free = (out / "images" / "s4_w0_t1" / row / f"{i:03d}.bits").read_bytes()
+            changed += bits != free
+        assert (out / "inpaint" / "grids" / "s4_w0_t1" / f"{row}.png").is_file()
+    assert changed == 6  # the same seeds as the free samples, yet other images: the known half steers them
+    html = (out / "index.html").read_text()
+    assert "<h2 id='inpainting'>Inpainting</h2>" in html and "known bits kept 1.000" in html
+    for src in ("inpaint/input.png", "inpaint/reconstruction.png", "inpaint/mask.png",
+                "inpaint/grids/s4_w0_t1/a.png", "inpaint/grids/s4_w0_t1/b.png"):
+        assert f"src='{src}'" in html and (out / src).is_file()
+    before = _files(out)
+    evaluate_main(argv)  # a rerun of a finished evaluation writes nothing
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("problem", ["missing image", "not an image", "black mask", "mask alone"])
+def test_bad_inpainting_input_names_the_file(tiny, tmp_path, problem):
+    from PIL import Image
+
+    model = tiny / "model-cross_attn-empty_caption"
+    image, mask = _inpainting_inputs(tmp_path, 32)
+    if problem == "missing image":
+        image, match = tmp_path / "nowhere.png", "nowhere.png: cannot read the image"
+    elif problem == "not an image":
+        mask, match = _write(tmp_path / "mask.txt", "white on the right"), "mask.txt: cannot read the image"
+    elif problem == "black mask":
+        Image.new("L", (32, 32), 0).save(mask)
+        match = "mask.png: the mask is all black"
+    else:
+        image, match = "", "inpainting needs both an image and a mask"
+    sheet = _write(tmp_path / "s.txt", "red apple\n")
+    argv = ["--model", str(model), "--prompts", str(sheet), "--out", str(tmp_path / "out"), "--steps", "2",
+            "--images-per-prompt", "1", "--device", "cpu", "--inpaint-image", str(image), "--inpaint-mask", str(mask)]
+    with pytest.raises(SystemExit, match=match):
+        evaluate_main(argv)
+    assert not (tmp_path / "out" / "images").exists()  # refused before drawing anything

@@ -3,7 +3,9 @@
 Images are linked by paths relative to the output folder, so the folder can be copied or
 opened straight from disk. Prompts are grouped by category; each prompt shows one grid
 per setting side by side, its diversity and CLIP score, and (with a neighbour search)
-every sample next to its nearest training latents with their Hamming distances.
+every sample next to its nearest training latents with their Hamming distances. With
+inpainting, a last section shows the input image, its autoencoder reconstruction and the
+mask, then each prompt's inpaintings per setting with the fraction of known bits kept.
 """
 
 from __future__ import annotations
@@ -86,6 +88,25 @@ def _neighbour_rows(row, settings, n_images: int, neighbours: dict) -> str:
     return "\n".join(parts)
 
 
+def _inpainting_section(inpainting: dict, rows, settings) -> str:
+    per_setting = inpainting["settings"]
+    inputs = "".join(f"<figure class='setting'><img src='inpaint/{name}.png' alt='{label}'>"
+                     f"<figcaption>{label}</figcaption></figure>"
+                     for name, label in (("input", "original"), ("reconstruction", "autoencoder reconstruction"),
+                                         ("mask", "mask (white = regenerate)")))
+    body = ["<h2 id='inpainting'>Inpainting</h2>",
+            f"<p>image {_e(inpainting['image'])}, mask {_e(inpainting['mask'])}: {inpainting['kept_cells']} of "
+            f"{inpainting['cells']} latent cells kept; every sample uses the seed of the same sample above</p>",
+            f"<div class='settings'>{inputs}</div>"]
+    for row in rows:
+        cells = "".join(f"<figure class='setting'><img src='inpaint/grids/{_e(s.name)}/{_e(row.id)}.png' "
+                        f"alt='{_e(row.prompt)} {_e(s.name)} inpainted'><figcaption>{_e(s.name)} known bits kept "
+                        f"{per_setting[s.name]['known_bits_kept']:.3f}</figcaption></figure>" for s in settings)
+        body.append(f"<div class='prompt'><h3>{_e(row.prompt)} <small>({_e(row.id)})</small></h3>"
+                    f"<div class='settings'>{cells}</div></div>")
+    return "\n".join(body)
+
+
 def render_report(report: dict, rows, settings, n_images: int, neighbours: dict) -> str:
     """The report page as a string (written by the caller as out/index.html)."""
     prompts = {p["id"]: p for p in report["prompts"]}
@@ -115,6 +136,8 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
             body.append(f"<div class='prompt' id='p-{_e(row.id)}'><h3>{_e(row.prompt)} "
                         f"<small>({_e(row.id)})</small></h3><div class='settings'>{''.join(cells)}</div>"
                         f"{_neighbour_rows(row, settings, n_images, neighbours)}</div>")
+    if "inpainting" in report:
+        body.append(_inpainting_section(report["inpainting"], rows, settings))
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>BLD evaluation</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 

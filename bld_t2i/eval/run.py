@@ -7,6 +7,12 @@ Layout of the output folder:
     neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours)
     timing/rank{r}.json                         generation and decode seconds per setting, per rank
     metrics.json, metrics.csv, prompts.csv, neighbours.json, index.html
+    inpaint/images/..., inpaint/grids/...       with an inpainting image and mask: the same layout,
+    inpaint/{input,reconstruction,mask}.png     plus the image and mask as the model sees them
+
+Inpainting (`EvalOptions.inpaint_image` and `inpaint_mask`, white in the mask = regenerate)
+draws every (setting, prompt, image) a second time from the same seed with the image's bits
+kept outside the mask, and measures the fraction of those known bits the samples kept.
 
 A setting is (steps S, guidance w, temperature tau), named `s{S}_w{w}_t{tau}`. Image i of a
 prompt is drawn with `derive_seed(seed, prompt id, i)` (the row's own seed if it has one),
@@ -38,6 +44,7 @@ from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbou
 from bld_t2i.eval.report import log_wandb, render_report
 from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
 from bld_t2i.models.denoiser import TEXT_MODES
+from bld_t2i.data.images import fit, to_rgb
 from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
 
 
@@ -72,6 +79,8 @@ class EvalOptions:
     neighbours_k: int = 10
     neighbours_clip: bool = False  # also search in CLIP image space (decodes the whole data set)
     wandb: bool = False
+    inpaint_image: str = ""  # image file to inpaint (with inpaint_mask); empty: no inpainting
+    inpaint_mask: str = ""  # mask file, white = regenerate
     sheet: str = ""  # recorded in metrics.json
     model: str = ""
 
@@ -111,38 +120,82 @@ def _condition(pipe: BLDPipeline, row: PromptRow, n: int) -> dict:
     return {"n": n}  # unconditional: the row only names a group of samples
 
 
+class InpaintError(ValueError):
+    """An inpainting image or mask that cannot be used; the message names the file."""
+
+
+def read_inpainting(opts: EvalOptions, size: int) -> tuple[Image.Image, Image.Image] | None:
+    """The inpainting image and mask fitted to the model's resolution (as the pipeline fits
+    them), or None without inpainting. A mask must regenerate part of the image and keep part."""
+    if not (opts.inpaint_image or opts.inpaint_mask):
+        return None
+    if not (opts.inpaint_image and opts.inpaint_mask):
+        raise InpaintError("inpainting needs both an image and a mask")
+    fitted = []
+    for path in (opts.inpaint_image, opts.inpaint_mask):
+        try:
+            with Image.open(path) as img:
+                fitted.append(fit(to_rgb(img), size, "center_crop"))
+        except (OSError, ValueError) as e:
+            raise InpaintError(f"{path}: cannot read the image ({e})") from None
+    image, mask = fitted
+    regen = np.asarray(mask.convert("L")) >= 128  # the pipeline's threshold: white = regenerate
+    if regen.all() or not regen.any():
+        raise InpaintError(f"{opts.inpaint_mask}: the mask is all {'white' if regen.all() else 'black'}; "
+                           "white marks the region to regenerate, black the region to keep")
+    return image, mask
+
+
+def _draw(pipe: BLDPipeline, row: PromptRow, setting: Setting, idx: list[int], folder: Path, opts: EvalOptions,
+          **inpainting) -> tuple[float, float]:
+    """Sample and write images idx of a row under `folder`; returns (generation, decode) seconds."""
+    base = opts.seed if row.seed is None else row.seed
+    t0 = time.perf_counter()
+    latents = pipe.sample_latents(**_condition(pipe, row, len(idx)), steps=setting.steps,
+                                  temperature=setting.temperature, guidance=setting.guidance,
+                                  seed=[derive_seed(base, row.id, i) for i in idx], **inpainting)
+    t1 = time.perf_counter()
+    images = to_pil(pipe.decode(latents, opts.batch_size))
+    t2 = time.perf_counter()
+    packed = pack_bits(latents.numpy())
+    for j, i in enumerate(idx):  # bits first: a PNG on disk means the image is complete
+        atomic_write_bytes(image_path(folder, setting, row, i, "bits"), packed[j].tobytes())
+        atomic_write_bytes(image_path(folder, setting, row, i), _png_bytes(images[j]))
+    return t1 - t0, t2 - t1
+
+
+def _todo(folder: Path, setting: Setting, row: PromptRow, opts: EvalOptions) -> list[list[int]]:
+    """The row's missing images under `folder`, in batches."""
+    todo = [i for i in range(opts.images_per_prompt) if not image_path(folder, setting, row, i).is_file()]
+    return [todo[lo : lo + opts.batch_size] for lo in range(0, len(todo), opts.batch_size)]
+
+
 # ----------------------------------------------------------------------------- generation
 
 
-def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions) -> dict:
-    """This rank's share of the images; returns {setting: {"gen_s", "decode_s", "n"}} spent now."""
+def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
+             inpainting: tuple[Image.Image, Image.Image] | None = None) -> dict:
+    """This rank's share of the images (and of the inpaintings, untimed); returns
+    {setting: {"gen_s", "decode_s", "n"}} spent now."""
     info = D.dist_info()
     spent: dict[str, dict] = {}
     warm = False
     for setting in opts.settings:
         for row in rows[info.rank :: info.world_size]:
-            todo = [i for i in range(opts.images_per_prompt) if not image_path(out, setting, row, i).is_file()]
-            if todo and not warm:  # one untimed 1-step sample: first-call costs stay out of the timing
+            batches = _todo(out, setting, row, opts)
+            if batches and not warm:  # one untimed 1-step sample: first-call costs stay out of the timing
                 pipe.decode(pipe.sample_latents(**_condition(pipe, row, 1), steps=1, seed=0))
                 warm = True
-            for lo in range(0, len(todo), opts.batch_size):
-                idx = todo[lo : lo + opts.batch_size]
-                base = opts.seed if row.seed is None else row.seed
-                t0 = time.perf_counter()
-                latents = pipe.sample_latents(**_condition(pipe, row, len(idx)), steps=setting.steps,
-                                              temperature=setting.temperature, guidance=setting.guidance,
-                                              seed=[derive_seed(base, row.id, i) for i in idx])
-                t1 = time.perf_counter()
-                images = to_pil(pipe.decode(latents, opts.batch_size))
-                t2 = time.perf_counter()
-                packed = pack_bits(latents.numpy())
-                for j, i in enumerate(idx):  # bits first: a PNG on disk means the image is complete
-                    atomic_write_bytes(image_path(out, setting, row, i, "bits"), packed[j].tobytes())
-                    atomic_write_bytes(image_path(out, setting, row, i), _png_bytes(images[j]))
+            for idx in batches:
+                gen_s, decode_s = _draw(pipe, row, setting, idx, out, opts)
                 s = spent.setdefault(setting.name, {"steps": setting.steps, "gen_s": 0.0, "decode_s": 0.0, "n": 0})
-                s["gen_s"] += t1 - t0
-                s["decode_s"] += t2 - t1
+                s["gen_s"] += gen_s
+                s["decode_s"] += decode_s
                 s["n"] += len(idx)
+            if inpainting is not None:
+                for idx in _todo(out / "inpaint", setting, row, opts):
+                    _draw(pipe, row, setting, idx, out / "inpaint", opts, init_image=inpainting[0],
+                          mask=inpainting[1])
         D.print0(f"[evaluate] {setting.name}: rank 0 done")
     if spent:  # add to this rank's earlier runs (a resumed evaluation times only new images)
         path = out / "timing" / f"rank{info.rank}.json"
@@ -234,7 +287,37 @@ def find_neighbours(pipe: BLDPipeline, out: Path, rows: list[PromptRow], opts: E
     return result
 
 
-def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions) -> dict:
+def measure_inpainting(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
+                       inpainting: tuple[Image.Image, Image.Image]) -> dict:
+    """Grids of the inpaintings, the inputs as PNGs, and per setting the fraction of the
+    image's known bits (outside the mask, on the latent grid) that the samples kept."""
+    image, mask = inpainting
+    folder = out / "inpaint"
+    h, w, C = pipe.latent_shape
+    known, keep = pipe.inpainting_inputs(image, mask)  # (1, h*w, C), (h*w, 1) 1 = kept cell
+    known = known.reshape(h, w, C).cpu().numpy().astype(np.uint8)
+    kept = keep.reshape(h, w).cpu().numpy().astype(bool)  # (h, w)
+    reconstruction = to_pil(pipe.decode(torch.from_numpy(known[None]).bool()))[0]
+    for name, img in (("input", image), ("reconstruction", reconstruction), ("mask", mask)):
+        write_if_changed(folder / f"{name}.png", _png_bytes(img))
+    N = opts.images_per_prompt
+    per_setting = {}
+    for setting in opts.settings:
+        agree = []
+        for row in rows:
+            pngs = [image_path(folder, setting, row, i) for i in range(N)]
+            grid = grid_path(folder, setting, row)
+            if not grid.is_file() or grid.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in pngs):
+                atomic_write_bytes(grid, _png_bytes(make_grid([Image.open(p).convert("RGB") for p in pngs], columns=N)))
+            lat = load_latents(folder, setting, row, N, (h, w, C))  # (N, h, w, C)
+            agree.append(lat[:, kept] == known[kept])
+        per_setting[setting.name] = {"known_bits_kept": float(np.concatenate(agree).mean())}
+    return {"image": opts.inpaint_image, "mask": opts.inpaint_mask, "kept_cells": int(kept.sum()),
+            "cells": h * w, "settings": per_setting}
+
+
+def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
+            inpainting: tuple[Image.Image, Image.Image] | None = None) -> dict:
     """Grids, metrics, neighbours and the report (rank 0, after every rank has generated)."""
     N = opts.images_per_prompt
     shape = pipe.latent_shape
@@ -300,6 +383,8 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
         "settings": setting_rows, "timing_by_steps": timing_steps, "skipped": skipped,
         "prompts": list(per_prompt.values()),
     }
+    if inpainting is not None:
+        report["inpainting"] = measure_inpainting(pipe, rows, out, opts, inpainting)
     write_if_changed(out / "metrics.json", json.dumps(report, indent=1).encode())
     write_if_changed(out / "metrics.csv", _csv(setting_rows))
     write_if_changed(out / "prompts.csv", _csv([
@@ -329,8 +414,9 @@ def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: Ev
     if pipe.conditioning == "class":
         for row in rows:  # fail before generating anything
             _condition(pipe, row, 1)
-    generate(pipe, rows, out, opts)
+    inpainting = read_inpainting(opts, pipe.autoencoder.resolution)
+    generate(pipe, rows, out, opts, inpainting)
     D.barrier()
-    report = measure(pipe, rows, out, opts) if D.dist_info().is_main else None
+    report = measure(pipe, rows, out, opts, inpainting) if D.dist_info().is_main else None
     D.barrier()
     return report

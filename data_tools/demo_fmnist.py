@@ -1,0 +1,105 @@
+"""The poster's other rows on this CPU: class-conditional and unconditional Fashion-MNIST.
+
+    python data_tools/demo_fmnist.py --task class  [--out runs/fmnist]
+    python data_tools/demo_fmnist.py --task uncond [--out runs/fmnist]    (with inpainting)
+
+Both tasks share the image shards, the autoencoder and the latents under --out (the first
+task run makes them; the second skips them), then train their own denoiser and write their
+own report to <out>/<task>/eval/index.html. The class-conditional sheet has one row per
+class label at guidance 0 and 3; the unconditional report also inpaints the first held-out
+test image (shard 12 starts the 10,000 test images, never trained on) with its right half
+regenerated. Stages run the framework's real command lines and leave `.done` markers, as
+data_tools/demo.py does: a rerun skips finished stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo import PY, ROOT, stage  # noqa: E402  (the emoji demo's stage runner)
+
+SHARD_SIZE = 5000  # 70,000 images: shards 0-11 are the 60,000 training images, 12-13 the test set
+TRAIN_SHARDS = 4  # 20,000 training images are plenty for a tiny denoiser and keep encoding short
+TEST_SHARD = 12
+SHEETS = {"class": "recipes/prompts/fmnist_classes.jsonl", "uncond": "recipes/prompts/fmnist_uncond.jsonl"}
+GUIDANCE = {"class": "0,3", "uncond": "0"}  # guidance needs a condition to drop
+
+
+def first_image(shard: Path) -> Image.Image:
+    """The first PNG of an image shard (a WebDataset tar)."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".png"):
+                return Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+    raise ValueError(f"{shard}: no .png member")
+
+
+def write_inpainting_inputs(shard: Path, folder: Path) -> None:
+    """folder/image.png, the shard's first image, and folder/mask.png, white (regenerate) on its right half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = first_image(shard)
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (image.width // 2, 0, image.width, image.height))
+    for name, img in (("image.png", image), ("mask.png", mask)):
+        img.save(folder / f".{name}.tmp", "PNG")
+        (folder / f".{name}.tmp").replace(folder / name)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", required=True, choices=sorted(SHEETS))
+    p.add_argument("--out", default="runs/fmnist", help="every intermediate output goes under this folder")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = ROOT / out
+    task = args.task
+    shards, ae, latents = out / "shards", out / "ae", out / "latents"
+    t2i, report, inpaint = out / task / "t2i", out / task / "eval", out / task / "inpaint"
+    train_spec = f"{shards}/shard-{{000000..{TRAIN_SHARDS - 1:06d}}}.tar"
+    latent_spec = f"{latents}/latents-{{000000..{TRAIN_SHARDS - 1:06d}}}.tar"
+    recipe = f"recipes/fmnist_{task}.yaml"
+    total = 5
+    begin = time.time()
+
+    stage(1, total, "Fashion-MNIST image shards at 32 px, class name caption, label in the json (WebDataset tar)",
+          shards, out / ".done" / "shards",
+          [PY, "data_tools/make_shards.py", "--source", "fashion-mnist", "--size", "32",
+           "--shard-size", str(SHARD_SIZE), "--out", str(shards),
+           "--contact-sheet", str(out / "fmnist_contact_sheet.png")])
+    stage(2, total, "A small binary autoencoder (32px -> 8x8 grid of 16 bits), one CPU process, shared by both tasks",
+          ae, out / ".done" / "ae",
+          [PY, "-m", "bld_t2i.train_ae", "--recipe", "recipes/ae/fmnist32.yaml", f"data.shards={train_spec}",
+           f"run.out_dir={ae}"])
+    stage(3, total, f"Offline pre-encoding of the first {TRAIN_SHARDS * SHARD_SIZE} training images to latent shards",
+          latents, out / ".done" / "latents",
+          [PY, "data_tools/encode_latents.py", "--shards", train_spec, "--autoencoder", str(ae / "export"),
+           "--out", str(latents)])
+    kind = "class-conditional (label embedding, label dropout 0.1)" if task == "class" else "unconditional"
+    stage(4, total, f"A {kind} denoiser, DeepSpeed ZeRO-2 on 2 CPU processes (slurm/train_t2i.sh without SLURM)",
+          t2i, out / ".done" / task / "t2i",
+          ["bash", "slurm/train_t2i.sh", recipe, f"run.out_dir={t2i}", f"latents.shards={latent_spec}",
+           f"autoencoder.path={ae / 'export'}"],
+          env={"BLD_NPROC": "2", "OMP_NUM_THREADS": "1"})
+    evaluate = [PY, "-m", "bld_t2i.evaluate", "--model", str(t2i / "export"), "--prompts", SHEETS[task],
+                "--out", str(report), "--guidance", GUIDANCE[task], "--steps", "16", "--images-per-prompt", "8",
+                "--neighbours", str(latents)]
+    title = "Evaluation: 8 samples of every class, guidance 0 and 3"
+    if task == "uncond":
+        write_inpainting_inputs(shards / f"shard-{TEST_SHARD:06d}.tar", inpaint)
+        evaluate += ["--inpaint-image", str(inpaint / "image.png"), "--inpaint-mask", str(inpaint / "mask.png")]
+        title = "Evaluation: unconditional samples, and the right half of a held-out test image inpainted"
+    stage(5, total, title, report, out / ".done" / task / "eval", evaluate)
+    print(f"\n[demo {task}] finished in {(time.time() - begin) / 60:.1f} min. Open the report:\n{report / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

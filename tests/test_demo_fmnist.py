@@ -1,0 +1,37 @@
+"""The Fashion-MNIST demos' own parts (data_tools/demo_fmnist.py): the inpainting inputs it
+cuts from a real shard, its prompt sheets and recipes. The demos themselves take ~15 min
+each and are run by hand; evaluation with inpainting is tested in test_evaluate.py."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from bld_t2i.config import load_config
+from bld_t2i.data.sources import FASHION_MNIST_CLASSES
+from bld_t2i.eval.sheets import read_sheet
+
+
+def test_inpainting_inputs_come_from_the_first_image_of_a_real_shard(tmp_path, load_tool):
+    load_tool("make_shards").main(["--source", "fashion-mnist", "--size", "32", "--limit", "4", "--shard-size", "4",
+                                   "--out", str(tmp_path / "shards")])
+    demo = load_tool("demo_fmnist")
+    demo.write_inpainting_inputs(tmp_path / "shards" / "shard-000000.tar", tmp_path / "inpaint")
+    image = np.asarray(Image.open(tmp_path / "inpaint" / "image.png"))
+    mask = np.asarray(Image.open(tmp_path / "inpaint" / "mask.png"))
+    assert image.shape == (32, 32, 3) and image.std() > 10  # a garment, not a blank
+    assert mask.shape == (32, 32) and (mask[:, :16] == 0).all() and (mask[:, 16:] == 255).all()
+    assert sorted(p.name for p in (tmp_path / "inpaint").iterdir()) == ["image.png", "mask.png"]  # no temp files
+
+
+def test_sheets_and_recipes_fit_the_tasks(load_tool):
+    demo = load_tool("demo_fmnist")
+    classes = read_sheet(demo.ROOT / demo.SHEETS["class"])
+    assert [int(r.prompt) for r in classes] == list(range(10))  # the label is the prompt, in the dataset's order
+    assert [r.id for r in classes] == [n.lower().replace("/", "_").replace(" ", "_") for n in FASHION_MNIST_CLASSES]
+    assert len(read_sheet(demo.ROOT / demo.SHEETS["uncond"])) >= 1
+    for task, conditioning in (("class", "class"), ("uncond", "none")):
+        cfg = load_config(demo.ROOT / f"recipes/fmnist_{task}.yaml")
+        assert cfg.denoiser.conditioning == conditioning and cfg.run.out_dir == f"runs/fmnist/{task}/t2i"
+        assert cfg.latents.shards == f"runs/fmnist/latents/latents-{{000000..{demo.TRAIN_SHARDS - 1:06d}}}.tar"
+    assert load_config(demo.ROOT / "recipes/ae/fmnist32.yaml").autoencoder.resolution == 32
