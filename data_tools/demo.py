@@ -22,7 +22,8 @@ PY = sys.executable
 T2I_RECIPE = "recipes/t2i_emoji_demo.yaml"
 
 
-def stage(n: int, total: int, title: str, out: Path, marker: Path, cmd: list[str], env: dict | None = None) -> None:
+def stage(n: int, total: int, title: str, out: Path, marker: Path, cmd: list[str], env: dict | None = None,
+          resume: str = "make demo") -> None:
     print(f"\n[demo {n}/{total}] {title}\n           -> {out}", flush=True)
     if marker.exists():
         print("           already done (delete the .done marker to redo it)", flush=True)
@@ -33,7 +34,7 @@ def stage(n: int, total: int, title: str, out: Path, marker: Path, cmd: list[str
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
     if proc.returncode != 0:
-        sys.exit(f"[demo] stage {n} failed (exit {proc.returncode}); rerun `make demo` to resume it")
+        sys.exit(f"[demo] stage {n} failed (exit {proc.returncode}); rerun `{resume}` to resume it")
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{time.time() - start:.0f} s\n")
     print(f"           done in {time.time() - start:.0f} s", flush=True)

@@ -19,12 +19,14 @@ import io
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import PY, ROOT, stage  # noqa: E402  (the emoji demo's stage runner)
+from demo import PY, ROOT  # noqa: E402
+from demo import stage as run_stage  # noqa: E402  (the emoji demo's stage runner)
 
 SHARD_SIZE = 5000  # 70,000 images: shards 0-11 are the 60,000 training images, 12-13 the test set
 TRAIN_SHARDS = 4  # 20,000 training images are plenty for a tiny denoiser and keep encoding short
@@ -69,6 +71,7 @@ def main(argv=None) -> None:
     recipe = f"recipes/fmnist_{task}.yaml"
     total = 5
     begin = time.time()
+    stage = partial(run_stage, resume=f"python data_tools/demo_fmnist.py --task {task}")
 
     stage(1, total, "Fashion-MNIST image shards at 32 px, class name caption, label in the json (WebDataset tar)",
           shards, out / ".done" / "shards",
