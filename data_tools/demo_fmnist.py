@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import PY, ROOT  # noqa: E402
 from demo import stage as run_stage  # noqa: E402  (the emoji demo's stage runner)
 
+from bld_t2i.pipeline import save_png  # noqa: E402
+
 SHARD_SIZE = 5000  # 70,000 images: shards 0-11 are the 60,000 training images, 12-13 the test set
 TRAIN_SHARDS = 4  # 20,000 training images are plenty for a tiny denoiser and keep encoding short
 TEST_SHARD = 12
@@ -50,9 +52,8 @@ def write_inpainting_inputs(shard: Path, folder: Path) -> None:
     image = first_image(shard)
     mask = Image.new("L", image.size, 0)
     mask.paste(255, (image.width // 2, 0, image.width, image.height))
-    for name, img in (("image.png", image), ("mask.png", mask)):
-        img.save(folder / f".{name}.tmp", "PNG")
-        (folder / f".{name}.tmp").replace(folder / name)
+    save_png(image, folder / "image.png")
+    save_png(mask, folder / "mask.png")
 
 
 def main(argv=None) -> None:

@@ -287,6 +287,16 @@ def find_neighbours(pipe: BLDPipeline, out: Path, rows: list[PromptRow], opts: E
     return result
 
 
+def _images_and_grid(folder: Path, setting: Setting, row: PromptRow, n: int) -> list[Image.Image]:
+    """A row's n images under `folder`; its grid is (re)written when older than any of them."""
+    pngs = [image_path(folder, setting, row, i) for i in range(n)]
+    images = [Image.open(p).convert("RGB") for p in pngs]
+    grid = grid_path(folder, setting, row)
+    if not grid.is_file() or grid.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in pngs):
+        atomic_write_bytes(grid, _png_bytes(make_grid(images, columns=n)))
+    return images
+
+
 def measure_inpainting(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
                        inpainting: tuple[Image.Image, Image.Image]) -> dict:
     """Grids of the inpaintings, the inputs as PNGs, and per setting the fraction of the
@@ -305,10 +315,7 @@ def measure_inpainting(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts
     for setting in opts.settings:
         agree = []
         for row in rows:
-            pngs = [image_path(folder, setting, row, i) for i in range(N)]
-            grid = grid_path(folder, setting, row)
-            if not grid.is_file() or grid.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in pngs):
-                atomic_write_bytes(grid, _png_bytes(make_grid([Image.open(p).convert("RGB") for p in pngs], columns=N)))
+            _images_and_grid(folder, setting, row, N)
             lat = load_latents(folder, setting, row, N, (h, w, C))  # (N, h, w, C)
             agree.append(lat[:, kept] == known[kept])
         per_setting[setting.name] = {"known_bits_kept": float(np.concatenate(agree).mean())}
@@ -345,12 +352,7 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
     for setting in opts.settings:
         images_u8, clip_scores = [], []
         for row in rows:
-            pngs = [image_path(out, setting, row, i) for i in range(N)]
-            pil = [Image.open(p).convert("RGB") for p in pngs]
-            grid = grid_path(out, setting, row)
-            newest = max(p.stat().st_mtime_ns for p in pngs)
-            if not grid.is_file() or grid.stat().st_mtime_ns < newest:
-                atomic_write_bytes(grid, _png_bytes(make_grid(pil, columns=N)))
+            pil = _images_and_grid(out, setting, row, N)
             lat = load_latents(out, setting, row, N, shape)
             query_latents.append(lat)
             if N >= 2:
