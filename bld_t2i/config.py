@@ -87,6 +87,10 @@ class AELossConfig:
     disc_width: int = 64
     disc_lr_mult: float = 1.0
     bit_balance_weight: float = 0.0  # pushes each bit channel's mean towards 1/2
+    # From this many samples on, the decoder is trained on the deterministic code 1[p > 0.5]
+    # (still with the straight-through gradient) instead of b ~ B(p): the code that encoding a
+    # data set uses. 0: sample to the end, as the paper does.
+    deterministic_start_samples: int = 0
     max_adaptive_weight: float = 1.0
     eval_samples: int = 256  # held-out images (data.eval_shards) for PSNR/SSIM/dead bits
     grid_images: int = 8  # images per reconstruction grid

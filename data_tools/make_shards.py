@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 from collections import Counter
 from itertools import islice
@@ -45,8 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", default="png", choices=("png", "jpg"), help="encoding of resized images")
     p.add_argument("--min-size", type=int, default=8, help="smaller source images are skipped as tiny")
     p.add_argument("--limit", type=int, default=0, help="stop after this many samples (0: all)")
+    p.add_argument("--skip-caption", type=caption_pattern, default=None, metavar="REGEX",
+                   help="skip samples whose caption matches this regular expression, e.g. 'skin tone' "
+                        "(counted in the manifest's skipped)")
     p.add_argument("--contact-sheet", default="", help="save a grid of the first 256 images to this PNG")
     return p.parse_args(argv)
+
+
+def caption_pattern(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
 
 
 def items(args):
@@ -59,10 +70,12 @@ def items(args):
     return sources.fashion_mnist()
 
 
-def kept(stream, skipped: Counter):
+def kept(stream, skipped: Counter, skip_caption: re.Pattern | None):
     for item in stream:
         if isinstance(item, sources.Skip):
             skipped[item.reason] += 1
+        elif skip_caption is not None and skip_caption.search(item.caption):
+            skipped["caption_matched_skip"] += 1
         else:
             yield item
 
@@ -100,7 +113,7 @@ def main(argv=None) -> None:
         sys.exit(f"--source {args.source} needs --input")
     skipped: Counter = Counter()
     shards, labels, sheet = [], {}, []
-    stream = kept(items(args), skipped)
+    stream = kept(items(args), skipped, args.skip_caption)
     if args.limit:
         stream = islice(stream, args.limit)
     key, done = 0, False

@@ -81,6 +81,16 @@ def test_deterministic_encoding_is_the_threshold():
     assert not torch.equal(model(x, generator=g).bits, model(x, generator=g).bits)
 
 
+def test_deterministic_training_pass_decodes_the_encoded_code_and_keeps_the_gradient():
+    model = tiny()
+    x = images(2, 64)
+    out = model(x, deterministic=True)
+    assert torch.equal(out.bits.detach().bool().permute(0, 2, 3, 1), model.encode(x))
+    assert torch.allclose(out.recon, model.decode(model.encode(x)), atol=1e-5)
+    out.recon.abs().mean().backward()  # straight-through: the encoder still learns
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_export_and_reload_give_identical_codes(tmp_path):
     model = tiny()
     x = images(4, 64)

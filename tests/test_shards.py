@@ -181,8 +181,11 @@ def test_resume_refuses_another_layout(tmp_path, write_image_shards):
         b.load_state_dict(a.state_dict())
 
 
-def test_make_shards_sources(tmp_path, load_tool):
+def test_make_shards_sources(tmp_path, load_tool, capsys):
     main = load_tool("make_shards").main
+    with pytest.raises(SystemExit):
+        main(["--source", "emoji", "--out", str(tmp_path / "bad"), "--skip-caption", "skin (tone"])
+    assert "--skip-caption: not a regular expression" in capsys.readouterr().err
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -212,12 +215,13 @@ def test_make_shards_sources(tmp_path, load_tool):
     assert batch["label"].min() >= 0
 
     main(["--source", "emoji", "--size", "32", "--limit", "12", "--out", str(tmp_path / "emoji"),
-          "--contact-sheet", str(tmp_path / "sheet.png")])
+          "--contact-sheet", str(tmp_path / "sheet.png"), "--skip-caption", "medal|button"])
     m = json.loads((tmp_path / "emoji" / "manifest.json").read_text())
     assert m["total"] == 12 and Image.open(tmp_path / "sheet.png").size == (16 * 64, 64)
+    assert m["skipped"]["caption_matched_skip"] == 5  # the names are sorted: 3 medals, 2 buttons come first
     batch = next(image_loader(DataConfig(shards=str(tmp_path / "emoji/shard-000000.tar"), image_size=32,
                                          batch_size=12, num_workers=0), seed=0, finite=True))
-    assert all(c.strip() for c in batch["caption"])
+    assert all(c.strip() and "medal" not in c and "button" not in c for c in batch["caption"])
     assert all(meta["category"] for meta in batch["json"])
     assert (batch["image"] < 0.9).float().mean() > 0.05  # a picture, not a blank page
 

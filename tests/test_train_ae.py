@@ -101,16 +101,19 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
 
 
 def test_emoji_quick(tmp_path):
-    """The emoji recipe for 160 steps at 32 px: it learns beyond the mean image (11.0 dB) on held-out
-    emoji (a looser bar than the 20-minute run's)."""
+    """The emoji recipe for 80 steps at 32 px, sampled bits then the deterministic code: it learns
+    beyond the mean image (11.0 dB) on held-out emoji (a looser bar than the 20-minute run's)."""
     data = tmp_path / "emoji"
     run([sys.executable, "data_tools/make_shards.py", "--source", "emoji", "--size", "32", "--limit", "240",
          "--shard-size", "80", "--out", str(data)], timeout=300)
     out = tmp_path / "run"
     cfg = load_config(EMOJI, [f"run.out_dir={out}", f"data.shards={data}/shard-{{000000..000001}}.tar",
                               f"data.eval_shards={data}/shard-000002.tar", "data.image_size=32",
-                              "train.total_samples=640", "train.ema_decay=0.9", "ae_loss.eval_samples=80"])
+                              "train.total_samples=640", "train.ema_decay=0.9", "ae_loss.eval_samples=80",
+                              "ae_loss.deterministic_start_samples=320", "train.log_every_samples=160"])
     train(cfg)
+    logged = [(r["samples"], r["train/deterministic_codes"]) for r in _records(out) if "train/l1" in r]
+    assert logged == [(160, 0.0), (320, 0.0), (480, 1.0), (640, 1.0)]
     metrics = json.loads((out / "eval.json").read_text())
     assert metrics["eval/images"] == 80
     assert metrics["eval/psnr"] >= 12.0 and metrics["eval/dead_bits"] <= 0.25, metrics

@@ -274,11 +274,17 @@ class BinaryAutoencoder(nn.Module):
         z = self.bit_embed(bits.movedim(1, -1)).movedim(-1, 1)  # (B, emb, h, w)
         return self.decoder(z)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> AEOutput:
-        """Training pass: b ~ B(p), b_st = b + p - stopgrad(p), then decode b_st."""
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+    ) -> AEOutput:
+        """Training pass: b ~ B(p) (or b = 1[p > 0.5] when `deterministic`), b_st = b + p - stopgrad(p),
+        then decode b_st."""
         p = self.bit_probs(images)
-        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-        b = (u < p).to(p.dtype)
+        if deterministic:
+            b = (p > 0.5).to(p.dtype)
+        else:
+            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            b = (u < p).to(p.dtype)
         b_st = b + (p - p.detach())  # the value is exactly b; the gradient is that of p
         return AEOutput(recon=self.decode_channels_first(b_st), probs=p, bits=b_st)
 
