@@ -89,7 +89,7 @@ def mask_to_grid(mask: Image.Image | str | Path | torch.Tensor, size: int, grid:
 
     The mask is fitted like the image, thresholded at half grey, and a grid cell is
     regenerated when any of its pixels is (max-pooling), so a kept cell never overlaps
-    the region to fill.
+    the region to fill. A mask must keep some cells and regenerate some (ValueError).
     """
     if isinstance(mask, torch.Tensor):
         regen = mask.float().reshape(1, 1, *mask.shape[-2:])  # (1, 1, H, W), 1 = regenerate
@@ -101,6 +101,13 @@ def mask_to_grid(mask: Image.Image | str | Path | torch.Tensor, size: int, grid:
         regen = torch.from_numpy(grey >= 128).float()[None, None]  # (1, 1, H, W)
     h, w = grid
     regen_cells = F.adaptive_max_pool2d(regen, (h, w))  # (1, 1, h, w)
+    # Either extreme is almost always an inverted or wrong mask, not a request.
+    where = f"{mask}: " if isinstance(mask, (str, Path)) else ""
+    if not regen_cells.any():
+        raise ValueError(f"{where}the mask is all black: it regenerates nothing (white marks the region to regenerate)")
+    if regen_cells.all():
+        raise ValueError(f"{where}the mask regenerates every cell of the {h}x{w} latent grid, so it keeps nothing (a cell "
+                         f"is kept when all its {size // h}x{size // w} pixels are black); black marks the region to keep")
     return (1 - regen_cells).reshape(h * w, 1)
 
 

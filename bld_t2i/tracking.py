@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from .checkpoint import atomic_write_text
 from .config import Config, LogConfig, to_dict
 
 
@@ -14,12 +15,14 @@ class StatsLogger:
     """Appends JSON lines to `<out_dir>/stats.jsonl`; mirrors them to wandb when enabled.
 
     Only rank 0 should construct one. `run_id` makes a resumed (or requeued) job continue
-    the same wandb run.
+    the same wandb run; `resume_samples` (the checkpoint's sample count) drops the lines a
+    crashed run wrote after that checkpoint, since the resumed run writes them again.
     """
 
-    def __init__(self, out_dir: str | Path, cfg: Config, log_cfg: LogConfig, run_id: str):
+    def __init__(self, out_dir: str | Path, cfg: Config, log_cfg: LogConfig, run_id: str, resume_samples: int = 0):
         self.path = Path(out_dir) / "stats.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._trim(resume_samples)
         self.wandb = None
         if log_cfg.wandb and log_cfg.wandb_mode != "disabled":
             import wandb
@@ -34,6 +37,13 @@ class StatsLogger:
                 dir=str(out_dir),
                 config=to_dict(cfg),
             )
+
+    def _trim(self, samples: int) -> None:
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines()
+                 if line and json.loads(line).get("samples", 0) <= samples]
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def log(self, stats: dict, step: int) -> None:
         record = {"time": time.time(), **stats}

@@ -218,7 +218,7 @@ def train(cfg: Config) -> Path:
         state = dict(client["trainer"])
         D.print0(f"[train] resumed from step {state['step']} ({state['samples']} samples)")
     state["run_id"] = D.broadcast_object(state["run_id"])
-    logger = StatsLogger(out, cfg, cfg.log, state["run_id"]) if info.is_main else None
+    logger = StatsLogger(out, cfg, cfg.log, state["run_id"], resume_samples=state["samples"]) if info.is_main else None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")

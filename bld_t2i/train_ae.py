@@ -31,12 +31,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from bld_t2i import distributed
-from bld_t2i.checkpoint import atomic_torch_save
+from bld_t2i.checkpoint import atomic_torch_save, atomic_write_text
 from bld_t2i.config import Config, OptimConfig, config_from_cli, save_config, to_dict
 from bld_t2i.data.images import image_loader
 from bld_t2i.ema import update_ema
 from bld_t2i.models.ae_losses import LPIPS, PatchDiscriminator, bit_stats, generator_loss, hinge_d_loss, psnr, ssim
 from bld_t2i.models.binary_ae import BinaryAutoencoder
+from bld_t2i.tracking import StatsLogger
 
 EXPORT_DIR = "export"  # like the t2i trainer: <out_dir>/export
 
@@ -89,23 +90,14 @@ def load_latest_checkpoint(ckpt_dir: Path) -> dict | None:
     return state
 
 
-def trim_stats(path: Path, samples: int) -> None:
-    """On resume, drop stats lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["samples"] <= samples]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
-def save_grid(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-    """Originals on the top row, reconstructions below."""
+def save_grid(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> Path:
+    """Originals on the top row, reconstructions below; returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     grid = torch.cat([x, x_hat.clamp(-1, 1)]).float().cpu().add(1).div(2)
     save_image(grid, tmp, nrow=len(x), format="png")
     os.replace(tmp, path)
+    return path
 
 
 @torch.no_grad()
@@ -140,7 +132,7 @@ def train(cfg: Config) -> Path | None:
     info = distributed.init(device)
     distributed.install_stop_handlers()
     out_dir = Path(cfg.run.out_dir)
-    ckpt_dir, stats_path = out_dir / "checkpoints", out_dir / "stats.jsonl"
+    ckpt_dir = out_dir / "checkpoints"
     lc, tc = cfg.ae_loss, cfg.train
 
     torch.manual_seed(cfg.run.seed)
@@ -176,8 +168,7 @@ def train(cfg: Config) -> Path | None:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        trim_stats(stats_path, samples)
-    wandb_run = start_wandb(cfg, out_dir) if info.is_main and cfg.log.wandb else None
+    logger = StatsLogger(out_dir, cfg, cfg.log, f"{cfg.run.name}-ae", resume_samples=samples) if info.is_main else None
 
     ddp_model = DistributedDataParallel(model) if info.world_size > 1 else model
     ddp_disc = DistributedDataParallel(disc) if info.world_size > 1 and disc is not None else disc
@@ -235,7 +226,7 @@ def train(cfg: Config) -> Path | None:
             record = reduce_logs(logs, samples, step, samples_log, t_log)
             logs, t_log, samples_log = defaultdict(list), time.time(), samples
             if info.is_main:
-                write_stats(stats_path, record, wandb_run)
+                log_stats(logger, record)
         stop = distributed.stop_requested(device)
         if crossed(tc.ckpt_every_samples) or stop:
             checkpoint(cfg, ckpt_dir, model, ema, disc, opt_g, opt_d, loader, samples, step)
@@ -245,12 +236,13 @@ def train(cfg: Config) -> Path | None:
             break
         if crossed(tc.sample_every_samples) and info.is_main and cfg.data.eval_shards:
             metrics, xs, x_hats = evaluate(cfg, ema, device)
-            save_grid(out_dir / "recon" / f"recon-{samples:012d}.png", xs, x_hats)
-            write_stats(stats_path, {"samples": samples, "step": step, **metrics}, wandb_run)
+            grid = save_grid(out_dir / "recon" / f"recon-{samples:012d}.png", xs, x_hats)
+            log_stats(logger, {"samples": samples, "step": step, **metrics})
+            logger.log_image("recon", grid, samples)
 
     if stop:
-        if wandb_run is not None:
-            wandb_run.finish()
+        if logger is not None:
+            logger.close()
         distributed.teardown()
         return None
     if not crossed(tc.ckpt_every_samples):  # the loop's last step may have saved this one already
@@ -259,16 +251,15 @@ def train(cfg: Config) -> Path | None:
     if info.is_main:
         if cfg.data.eval_shards:
             metrics, xs, x_hats = evaluate(cfg, ema, device)
-            write_stats(stats_path, {"samples": samples, "step": step, **metrics}, wandb_run)
-            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+            log_stats(logger, {"samples": samples, "step": step, **metrics})
+            atomic_write_text(out_dir / "eval.json", json.dumps(metrics, indent=2))
         else:  # no held-out images: show the last training batch
             xs = next(loader)["image"][: lc.grid_images].to(device)
             x_hats = ema.decode(ema.encode(xs))
-        save_grid(out_dir / "recon" / "recon-final.png", xs, x_hats)
+        logger.log_image("recon", save_grid(out_dir / "recon" / "recon-final.png", xs, x_hats), samples)
         fingerprint = ema.save_pretrained(export)
         distributed.print0(f"exported the EMA autoencoder to {export} (fingerprint {fingerprint[:16]}...)")
-        if wandb_run is not None:
-            wandb_run.finish()
+        logger.close()
     distributed.barrier()
     distributed.teardown()
     return export
@@ -299,20 +290,11 @@ def reduce_logs(logs: dict, samples: int, step: int, samples_log: int, t_log: fl
     return record
 
 
-def write_stats(path: Path, record: dict, wandb_run) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+def log_stats(logger: StatsLogger, record: dict) -> None:
+    """One stats.jsonl line (and wandb), and the same on the console."""
+    logger.log(record, step=record["samples"])
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in record.items() if k not in ("samples", "step"))
-    distributed.print0(f"[{record['samples']} samples] {shown}")
-    if wandb_run is not None:
-        wandb_run.log(record, step=record["samples"])
-
-
-def start_wandb(cfg: Config, out_dir: Path):
-    import wandb  # only when logging is on: importing wandb is slow
-
-    return wandb.init(project=cfg.log.wandb_project, name=cfg.run.name, dir=str(out_dir), mode=cfg.log.wandb_mode,
-                      config=to_dict(cfg), id=f"{cfg.run.name}-ae", resume="allow")
+    print(f"[{record['samples']} samples] {shown}", flush=True)
 
 
 def main(argv=None) -> None:

@@ -208,6 +208,21 @@ def test_inpainting_keeps_every_bit_outside_the_mask(text_model, inpaint):
     assert not torch.equal(out.latents, known.expand(3, -1, -1, -1))  # the masked part was resampled
 
 
+def test_mask_must_keep_and_regenerate_some_cells(tmp_path):
+    black = tmp_path / "black.png"
+    Image.new("L", (RES, RES), 0).save(black)
+    with pytest.raises(ValueError, match="black.png: the mask is all black"):
+        mask_to_grid(black, RES, (4, 4))
+    speckled = Image.new("L", (RES, RES), 255)  # black pixels, but no cell all black
+    for x in range(0, RES, RES // 4):
+        speckled.putpixel((x, x), 0)
+    with pytest.raises(ValueError, match="regenerates every cell of the 4x4 latent grid"):
+        mask_to_grid(speckled, RES, (4, 4))
+    one = Image.new("L", (RES, RES), 0)
+    one.putpixel((0, 0), 255)  # a single white pixel regenerates its cell
+    assert mask_to_grid(one, RES, (4, 4)).sum() == 15
+
+
 def test_bad_folder_and_config_errors(tmp_path, text_model):
     with pytest.raises(FileNotFoundError, match="config.json"):
         BLDPipeline.from_pretrained(tmp_path)

@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bld_t2i.config import from_dict
+from bld_t2i.config import Config, LogConfig, from_dict
 from bld_t2i.diffusion import keep_factors, sample
 from bld_t2i.models.denoiser import Denoiser
+from bld_t2i.tracking import StatsLogger
 from t2i_fixtures import train_command, train_env
 
 pytestmark = pytest.mark.slow
@@ -112,3 +113,12 @@ def test_sigterm_leaves_loadable_checkpoint_then_unconditional_run_finishes(tmp_
     done = _train(tmp_path, "sig", tiny_latents, tiny_ae, *overrides[:3], f"train.total_samples={(step + 4) * STEP_SAMPLES}")
     assert f"resumed from step {step}" in (done / "train.log").read_text()
     assert max(_losses(done)) == step + 4
+
+
+def test_stats_of_a_crashed_run_past_its_checkpoint_are_dropped_on_resume(tmp_path):
+    # a run logged at 8, 16 and 24 samples, crashed, and resumes from its 16-sample checkpoint
+    (tmp_path / "stats.jsonl").write_text("".join(json.dumps({"samples": n, "loss": 0.5}) + "\n" for n in (8, 16, 24)))
+    logger = StatsLogger(tmp_path, Config(), LogConfig(wandb=False), "run", resume_samples=16)
+    logger.log({"samples": 24, "loss": 0.25}, step=3)
+    records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [(r["samples"], r["loss"]) for r in records] == [(8, 0.5), (16, 0.5), (24, 0.25)]

@@ -45,7 +45,7 @@ from bld_t2i.eval.report import log_wandb, render_report
 from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
 from bld_t2i.models.denoiser import TEXT_MODES
 from bld_t2i.data.images import fit, to_rgb
-from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
+from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,15 @@ class InpaintError(ValueError):
     """An inpainting image or mask that cannot be used; the message names the file."""
 
 
-def read_inpainting(opts: EvalOptions, size: int) -> tuple[Image.Image, Image.Image] | None:
+def read_inpainting(opts: EvalOptions, pipe: BLDPipeline) -> tuple[Image.Image, Image.Image] | None:
     """The inpainting image and mask fitted to the model's resolution (as the pipeline fits
-    them), or None without inpainting. A mask must regenerate part of the image and keep part."""
+    them, for the report's PNGs), or None without inpainting; the mask is checked by the
+    pipeline's own `mask_to_grid` here, before anything is drawn."""
     if not (opts.inpaint_image or opts.inpaint_mask):
         return None
     if not (opts.inpaint_image and opts.inpaint_mask):
         raise InpaintError("inpainting needs both an image and a mask")
+    size = pipe.autoencoder.resolution
     fitted = []
     for path in (opts.inpaint_image, opts.inpaint_mask):
         try:
@@ -139,10 +141,10 @@ def read_inpainting(opts: EvalOptions, size: int) -> tuple[Image.Image, Image.Im
         except (OSError, ValueError) as e:
             raise InpaintError(f"{path}: cannot read the image ({e})") from None
     image, mask = fitted
-    regen = np.asarray(mask.convert("L")) >= 128  # the pipeline's threshold: white = regenerate
-    if regen.all() or not regen.any():
-        raise InpaintError(f"{opts.inpaint_mask}: the mask is all {'white' if regen.all() else 'black'}; "
-                           "white marks the region to regenerate, black the region to keep")
+    try:
+        mask_to_grid(mask, size, pipe.latent_shape[:2])
+    except ValueError as e:
+        raise InpaintError(f"{opts.inpaint_mask}: {e}") from None
     return image, mask
 
 
@@ -416,7 +418,7 @@ def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: Ev
     if pipe.conditioning == "class":
         for row in rows:  # fail before generating anything
             _condition(pipe, row, 1)
-    inpainting = read_inpainting(opts, pipe.autoencoder.resolution)
+    inpainting = read_inpainting(opts, pipe)
     generate(pipe, rows, out, opts, inpainting)
     D.barrier()
     report = measure(pipe, rows, out, opts, inpainting) if D.dist_info().is_main else None
