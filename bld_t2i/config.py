@@ -42,7 +42,7 @@ class RunConfig:
 class DataConfig:
     """Image-caption shards (WebDataset tar, local or s3://)."""
 
-    shards: str = ""  # brace-expanded URL(s); several separated by "::"
+    shards: str = ""  # brace-expanded or glob URL(s) of .tar/.tar.gz/.tgz shards; several separated by "::"
     image_size: int = 64
     resize: str = "center_crop"  # center_crop | pad | stretch
     min_image_size: int = 8  # smaller source images are skipped as "tiny"
@@ -50,6 +50,15 @@ class DataConfig:
     num_workers: int = 1
     batch_size: int = 16  # per rank
     eval_shards: str = ""  # held-out shards for reconstruction metrics
+    # Draw each slot's shards with replacement, seeded by (seed, slot, epoch), instead of exact
+    # epochs: for fewer shards than ranks x workers, or an endless stream.
+    resampled: bool = False
+    # A shard read that still fails after s3fs's own retries is retried this many times,
+    # waiting retry_backoff_s, doubling up to retry_max_backoff_s (about a minute of outage
+    # survived), then the rest of the shard is skipped for the epoch.
+    read_retries: int = 6
+    retry_backoff_s: float = 1.0
+    retry_max_backoff_s: float = 30.0
 
 
 @dataclass
@@ -61,6 +70,10 @@ class LatentsConfig:
     num_workers: int = 1
     batch_size: int = 64  # per rank, per micro-step
     use_embeddings: bool = False  # read pre-computed text embeddings instead of encoding captions
+    resampled: bool = False  # this and the read_retries/backoff fields: as in DataConfig
+    read_retries: int = 6
+    retry_backoff_s: float = 1.0
+    retry_max_backoff_s: float = 30.0
 
 
 @dataclass
@@ -107,6 +120,9 @@ class DiffusionConfig:
     sample_steps: int = 16
     temperature: float = 1.0
     guidance: float = 0.0
+    # Guidance only for t/T in [lo, hi] (Kynkaanniemi et al., NeurIPS 2024); the unguided
+    # single-branch forward elsewhere. [0, 1]: every step.
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass
@@ -161,6 +177,13 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     device: str = "auto"  # auto | cpu | cuda
     max_steps: int = 0  # stop after this many optimizer steps (tests); 0: no limit
+    # Skip an optimizer step whose loss or gradient is not finite, on every rank alike. The
+    # autoencoder trainer agrees on it with one small collective per step (which also carries
+    # the stop flag); the denoiser's DeepSpeed engine checks the gradient norm itself.
+    nan_guard: bool = True
+    # Optimizer steps between the stop-flag collectives when no NaN-guard collective carries
+    # it; SLURM's --signal lead time must cover this many steps.
+    stop_check_every_steps: int = 1
 
 
 @dataclass

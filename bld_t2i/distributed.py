@@ -142,9 +142,16 @@ def stop_signal() -> int | None:
     return _stop_signal
 
 
-def stop_requested(device: torch.device | str = "cpu") -> bool:
-    """True on every rank once any rank got a stop signal (a collective: call it on all ranks)."""
-    return all_reduce_sum(torch.tensor([float(_stop_signal is not None)], device=device)).item() > 0
+def agree(device: torch.device | str = "cpu", bad: torch.Tensor | None = None) -> tuple[bool, bool]:
+    """(any rank got a stop signal, any rank's `bad` flag is set): the one small collective
+    and host read of an optimizer step (call it on all ranks). `bad` (a 0-d tensor on the
+    device, e.g. a non-finite loss) stays on the device until this reduction."""
+    flags = torch.zeros(2, device=device)
+    flags[0] = float(_stop_signal is not None)
+    if bad is not None:
+        flags[1] = bad.float()
+    stop, any_bad = all_reduce_sum(flags).tolist()
+    return stop > 0, any_bad > 0
 
 
 def broadcast_object(obj, src: int = 0):
@@ -168,22 +175,37 @@ def all_gather_objects(obj) -> list:
 # a sharded EMA and for consolidated exports. Kept here so no other module imports deepspeed.
 
 
-def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float, precision: str) -> dict:
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got {precision!r}")
+def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float, precision: str,
+                     load_universal: bool = False) -> dict:
+    """`load_universal`: the checkpoint to resume was written by another number of ranks and
+    is loaded from its universal form (`to_universal`)."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-        "bf16": {"enabled": precision == "bf16"},
+        # ZeRO 1-3 skip an optimizer step whose gradient norm is not finite (fp32: always, with
+        # clipping on; bf16: with check_grad_overflow); the trainer counts the skips.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "zero_optimization": {"stage": zero_stage},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,  # our own logging; DeepSpeed's would flood the log
         "wall_clock_breakdown": False,
         # AdamW from torch is a ZeRO-supported optimizer, but be explicit for other ones
         "zero_allow_untested_optimizer": True,
     }
+
+
+def to_universal(folder: str, out: str) -> None:
+    """Convert a DeepSpeed checkpoint folder into DeepSpeed's universal checkpoint, which any
+    number of ranks can load: the ZeRO partitions of the fp32 weights and optimizer moments
+    merged per parameter (rank 0 only; the others wait at a barrier)."""
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(SimpleNamespace(input_folder=folder, output_folder=out, num_extract_workers=1,
+                                         num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                         inject_missing_state=False))
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
@@ -194,30 +216,59 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
-def local_shard(param: torch.nn.Parameter) -> torch.Tensor:
-    """The part of a parameter this rank holds: its ZeRO-3 partition, or the whole tensor."""
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+def master_fragment(param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master copy of the part of `param` this rank's optimizer updates.
+
+    Under bf16 the module's parameters are rounded copies; an EMA must average the fp32
+    master weights instead. ZeRO-3: the local partition (`safe_get_local_fp32_param`);
+    ZeRO 1/2 and DeepSpeed's bf16 optimizer: this rank's fragment of the flat fp32
+    partition (`_hp_mapping`, empty when another rank owns the whole parameter); without
+    DeepSpeed: the parameter itself.
+    """
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(param)
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        return mapping.get_hp_fragment() if mapping is not None else param.new_empty(0, dtype=torch.float32)
+    return param.data
 
 
-def full_from_shards(shard: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """Reassemble a full tensor from per-rank flat partitions laid out like `param`'s.
+def full_from_fragment(fragment: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Reassemble the full tensor of `param`'s shape from every rank's `master_fragment`-shaped
+    piece (a collective under ZeRO: every rank must call it for every parameter in order).
 
     ZeRO-3 gives rank r the elements [r * n, (r + 1) * n) of the flattened parameter,
-    n = ceil(numel / world), the last one zero-padded. A collective: every rank must call.
+    n = ceil(numel / world), the last one zero-padded; ZeRO 1/2 fragments are disjoint
+    ranges of the flattened parameter, so a sum of zero-filled buffers assembles them.
     """
-    if not hasattr(param, "ds_tensor"):
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, shard.contiguous())
-    return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+    if hasattr(param, "ds_id"):
+        parts = [torch.empty_like(fragment) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, fragment.contiguous())
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+    if hasattr(param, "_hp_mapping"):
+        full = torch.zeros(param.numel(), dtype=fragment.dtype, device=fragment.device)
+        if param._hp_mapping is not None:
+            address = param._hp_mapping.lp_fragment_address
+            full.narrow(0, address.start, address.numel).copy_(fragment.reshape(-1))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(full)
+        return full.view(param.shape)
+    return fragment
 
 
-def shard_from_full(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's partition of a full tensor (the inverse of `full_from_shards`)."""
-    if not hasattr(param, "ds_tensor"):
-        return full.reshape(param.shape)
-    n = param.ds_tensor.numel()
-    flat = torch.zeros(n * dist.get_world_size(), dtype=full.dtype, device=full.device)
-    flat[: full.numel()] = full.reshape(-1)
-    rank = dist.get_rank()
-    return flat[rank * n : (rank + 1) * n].clone()
+def fragment_from_full(full: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's `master_fragment`-shaped piece of a full tensor (the inverse of `full_from_fragment`)."""
+    if hasattr(param, "ds_id"):
+        n = param.ds_tensor.numel()
+        flat = torch.zeros(n * dist.get_world_size(), dtype=full.dtype, device=full.device)
+        flat[: full.numel()] = full.reshape(-1)
+        rank = dist.get_rank()
+        return flat[rank * n : (rank + 1) * n].clone()
+    if hasattr(param, "_hp_mapping"):
+        if param._hp_mapping is None:
+            return full.new_empty(0)
+        address = param._hp_mapping.lp_fragment_address
+        return full.reshape(-1).narrow(0, address.start, address.numel).clone()
+    return full.reshape(param.shape).clone()

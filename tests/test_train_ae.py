@@ -16,9 +16,11 @@ import psutil
 import pytest
 import torch
 
+from bld_t2i.checkpoint import read_latest
 from bld_t2i.config import load_config
 from bld_t2i.models.binary_ae import BinaryAutoencoder
-from bld_t2i.train_ae import lr_at, main, train
+from bld_t2i.train_ae import main, train
+from bld_t2i.training.schedule import lr_at
 from t2i_fixtures import ROOT, free_port, run, train_env
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,11 @@ EMOJI = ROOT / "recipes" / "ae" / "emoji64.yaml"
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+
+
+def _published(ckpts: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (a save in progress is a `.tmp` folder)."""
+    return sorted(p for p in ckpts.glob("step_*") if not p.name.endswith(".tmp"))
 
 
 def test_dry_run_prints_the_resolved_recipe(capsys):
@@ -50,14 +57,15 @@ def test_resume_continues_exactly(tmp_path, write_image_shards):
               "train.precision=bf16"]
     full = train(load_config(TINY, [f"run.out_dir={tmp_path / 'full'}", *common]))
     train(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common, "train.max_steps=2"]))
-    assert torch.load(tmp_path / "split" / "checkpoints" / "ckpt-000000000008.pt", weights_only=False)["step"] == 2
+    assert read_latest(tmp_path / "split" / "checkpoints").name == "step_000000002"
+    assert json.loads((read_latest(tmp_path / "split" / "checkpoints") / "trainer.json").read_text())["samples"] == 8
     split = train(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common]))
     a, b = BinaryAutoencoder.from_pretrained(full), BinaryAutoencoder.from_pretrained(split)
     assert a.fingerprint == b.fingerprint
     train_a = [r for r in _records(tmp_path / "full") if "train/l1" in r]
     train_b = [r for r in _records(tmp_path / "split") if "train/l1" in r]
     assert [r["samples"] for r in train_b] == [8, 16]
-    clock = ("time", "samples_per_s")
+    clock = ("time", "samples_per_s", "data_wait_frac")
     for ra, rb in zip(train_a, train_b, strict=True):
         assert {k: v for k, v in ra.items() if k not in clock} == {k: v for k, v in rb.items() if k not in clock}
     assert "train/d_loss" in train_b[-1] and "train/adaptive_weight" in train_b[-1]
@@ -73,7 +81,7 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
     ckpts = out / "checkpoints"
     deadline = time.time() + 300
-    while not sorted(ckpts.glob("ckpt-*.pt"))[1:] and proc.poll() is None and time.time() < deadline:
+    while not _published(ckpts)[1:] and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
     # the whole job, mid-run, without warning: torchrun starts each rank in its own session
     job = psutil.Process(proc.pid)
@@ -83,16 +91,17 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     proc.wait()
     assert not psutil.wait_procs(procs, timeout=30)[1]
     assert proc.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
-    saved = sorted(ckpts.glob("ckpt-*.pt"))
-    assert saved, (tmp_path / "first.log").read_text()[-3000:]
-    state = torch.load(saved[-1], weights_only=False)
-    assert len(state["data"]) == 2 and [d["rank"] for d in state["data"]] == [0, 1]
+    latest = read_latest(ckpts)
+    assert latest is not None, (tmp_path / "first.log").read_text()[-3000:]
+    client = torch.load(latest / "client.pt", weights_only=False)
+    state = client["trainer"]
+    assert len(client["loader"]) == 2 and len(client["rng"]) == 2 and state["world_size"] == 2
     assert (out / "recon" / "recon-000000000016.png").is_file()
 
     done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 3}", "log.wandb=true"],
                env=train_env(), timeout=300)
     text = done.stdout + done.stderr
-    assert f"resumed from {saved[-1]} at {state['samples']} samples" in text, text[-3000:]
+    assert f"resumed from step {state['step']}: {latest} at {state['samples']} samples" in text, text[-3000:]
     records = [r for r in _records(out) if "train/l1" in r]
     samples = [r["samples"] for r in records]
     assert samples == sorted(set(samples)) and samples[-1] == state["samples"] + 3 * 8
@@ -141,12 +150,13 @@ def test_sigusr1_to_one_rank_checkpoints_both_and_the_rerun_resumes(tmp_path, ti
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, log[-3000:]
     assert "preempted by signal on another rank" in log, log[-3000:]  # printed by rank 0, signalled rank 1
-    saved = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    saved = _published(out / "checkpoints")
     assert len(saved) == 1 and not (out / "export").exists()
-    state = torch.load(saved[0], weights_only=False)
-    assert state["samples"] == state["step"] * 8 and [d["rank"] for d in state["data"]] == [0, 1]
+    client = torch.load(saved[0] / "client.pt", weights_only=False)
+    state = client["trainer"]
+    assert state["samples"] == state["step"] * 8 and len(client["loader"]) == 2
 
     done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 2}"],
                env=train_env(), timeout=300)
-    assert f"resumed from {saved[0]} at {state['samples']} samples" in done.stdout + done.stderr
+    assert f"resumed from step {state['step']}: {saved[0]} at {state['samples']} samples" in done.stdout + done.stderr
     assert BinaryAutoencoder.from_pretrained(out / "export").latent_shape == (8, 8, 8)  # its native 64 px

@@ -133,26 +133,27 @@ def generator_loss(
     last_layer: torch.Tensor,
     disc: PatchDiscriminator | None,
     lpips: LPIPS | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The autoencoder's loss for images x (B, 3, H, W); `disc` is None before the GAN starts."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The autoencoder's loss for images x (B, 3, H, W); `disc` is None before the GAN starts.
+    Its terms come back detached, on the device (read them at log time, not per step)."""
     x_hat = out.recon.float()
     l1 = (x - x_hat).abs().mean()
     rec = cfg.l1_weight * l1
-    stats = {"l1": l1.item()}
+    stats = {"l1": l1.detach()}
     if lpips is not None:
         perceptual = lpips(x, x_hat).mean()
         rec = rec + cfg.perceptual_weight * perceptual
-        stats["perceptual"] = perceptual.item()
+        stats["perceptual"] = perceptual.detach()
     loss = rec
     if disc is not None:
         g = hinge_g_loss(disc(x_hat))
         lam = adaptive_weight(rec, g, last_layer, cfg.max_adaptive_weight)
         loss = loss + cfg.disc_weight * lam * g
-        stats.update(g_loss=g.item(), adaptive_weight=lam.item())
+        stats.update(g_loss=g.detach(), adaptive_weight=lam.detach())
     if cfg.bit_balance_weight > 0:
         balance = bit_balance_loss(out.probs.float())
         loss = loss + cfg.bit_balance_weight * balance
-        stats["bit_balance"] = balance.item()
+        stats["bit_balance"] = balance.detach()
     return loss, stats
 
 
@@ -185,7 +186,7 @@ def ssim(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return s.mean(dim=(1, 2, 3))
 
 
-def bit_stats(bits: torch.Tensor) -> dict[str, float]:
+def bit_stats(bits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Usage of the code of a batch, bits (B, h, w, C) 0/1.
 
     dead_bits: the fraction of the C channels whose mean code is below 1% or above 99%;
@@ -196,4 +197,4 @@ def bit_stats(bits: torch.Tensor) -> dict[str, float]:
     dead = ((channel_mean < 0.01) | (channel_mean > 0.99)).float().mean()
     q = bits.mean(dim=0).clamp(1e-6, 1 - 1e-6)  # (h, w, C)
     entropy = -(q * q.log2() + (1 - q) * (1 - q).log2()).mean()
-    return {"dead_bits": dead.item(), "bit_entropy": entropy.item()}
+    return {"dead_bits": dead, "bit_entropy": entropy}  # 0-d tensors on the bits' device

@@ -1,0 +1,176 @@
+"""The denoiser's task for the training loop: Bernoulli diffusion on pre-encoded latents
+under DeepSpeed ZeRO, with caption dropout for classifier-free guidance.
+
+A micro-step draws t, the noise and the caption dropout from its step generator, computes
+the loss of docs/math.md (eq. 5, or the authors' eq. 6) and hands it to the engine, which
+accumulates `grad_accum` micro-steps and skips an update whose gradient norm is not finite.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import torch
+
+from bld_t2i import checkpoint as files
+from bld_t2i import distributed as D
+from bld_t2i.config import Config, save_config
+from bld_t2i.data.latents import latent_loader, null_embedding, read_manifest
+from bld_t2i.data.shards import expand_urls
+from bld_t2i.diffusion import diffusion_loss, keep_factors
+from bld_t2i.models.binary_ae import BinaryAutoencoder
+from bld_t2i.models.conditioning import drop_condition
+from bld_t2i.models.denoiser import TEXT_MODES, Denoiser
+from bld_t2i.models.text_encoders import build_text_encoder, condition_from_embeddings
+from bld_t2i.training.checkpointer import Checkpointer
+from bld_t2i.training.ema import EMA
+from bld_t2i.training.loop import Parts
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
+TIME_BUCKETS = 4  # the loss is also logged per quarter of t/T
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def expected_latents(cfg: Config) -> tuple[str, tuple[int, int, int]]:
+    """The autoencoder fingerprint and latent shape the latent shards must have."""
+    if cfg.autoencoder.path:
+        ae = BinaryAutoencoder.from_pretrained(cfg.autoencoder.path)
+        return ae.fingerprint, ae.latent_shape
+    # No autoencoder named (synthetic latents): take the data set's word for it, and say so.
+    manifest = read_manifest(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))
+    D.print0("[train] autoencoder.path is empty: latents are not checked against an autoencoder, "
+             "and no sample grids can be decoded")
+    return manifest["autoencoder_fingerprint"], tuple(manifest["latent_shape"])
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda" or precision != "bf16":
+        return None  # unknown peak: MFU is not reported rather than guessed
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def optimizer_for(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and the learned null condition."""
+    def decays(n: str, p: torch.nn.Parameter) -> bool:
+        return p.dim() >= 2 and "embed" not in n and "null" not in n
+
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+class T2ITask:
+    """build() and train_step() of the denoiser (text, class or unconditional)."""
+
+    name = "train"
+
+    def micro_batch(self, cfg: Config) -> int:
+        return cfg.latents.batch_size
+
+    def build(self, cfg: Config, device: torch.device, grad_accum: int, resume_world: int | None) -> Parts:
+        info = D.dist_info()
+        self.cfg, self.device = cfg, device
+        fingerprint, latent_shape = expected_latents(cfg)
+        loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size)
+        self.text_encoder = None
+        if cfg.denoiser.conditioning in TEXT_MODES and not cfg.latents.use_embeddings:
+            self.text_encoder = build_text_encoder(cfg.text_encoder, device)
+        null_emb = None
+        if cfg.latents.use_embeddings:
+            null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
+        text_dim = null_emb.shape[-1] if null_emb is not None else (self.text_encoder.dim if self.text_encoder else 0)
+        model = Denoiser(cfg.denoiser, latent_shape, text_dim).to(device)
+        self.tokens = latent_shape[0] * latent_shape[1]  # L = h * w
+        self.flops = 3 * (model.flops_per_sample(text_len=cfg.text_encoder.max_length)
+                          if cfg.denoiser.conditioning == "cross_attn" else model.flops_per_sample())
+        D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
+                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), latents {latent_shape}, "
+                 f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
+        optimizer = optimizer_for(model, cfg)
+        elastic = resume_world is not None and resume_world != info.world_size
+        self.engine = D.build_engine(model, optimizer, D.deepspeed_config(
+            cfg.train.zero_stage, cfg.latents.batch_size, grad_accum, cfg.optim.grad_clip, cfg.train.precision,
+            load_universal=elastic))
+        self.engine.train()
+        self.null_text = self._null_text(null_emb)
+        self.a = keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float().to(device)
+        self.dtype = DTYPES[cfg.train.precision]
+        return Parts(loader=loader, ema=EMA(self.engine.module), optimizers=[(optimizer, 1.0)],
+                     checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=self.engine,
+                                               universal=elastic),
+                     export=self.export, export_files=("model.safetensors", "config.json"), on_sample=self.draw_grid if cfg.autoencoder.path else None,
+                     log_extra=self.log_extra)
+
+    def _null_text(self, null_emb: torch.Tensor | None) -> dict | None:
+        """The empty caption's condition, for caption dropout."""
+        if self.text_encoder is not None:
+            return self.text_encoder.encode([""])
+        if null_emb is not None:
+            mask = torch.ones(1, null_emb.shape[0], dtype=torch.bool, device=self.device)
+            return condition_from_embeddings(null_emb[None].to(self.device), mask)
+        return None
+
+    def condition(self, batch: dict) -> dict | None:
+        """The batch's condition for the denoiser (text tokens, class label or None)."""
+        mode, device = self.cfg.denoiser.conditioning, self.device
+        if mode == "none":
+            return None
+        if mode == "class":
+            return {"label": batch["label"].to(device)}
+        if self.cfg.latents.use_embeddings:
+            return condition_from_embeddings(batch["emb"].to(device), batch["emb_mask"].to(device))
+        return self.text_encoder.encode(batch["caption"])
+
+    def model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None) -> torch.Tensor:
+        if cond is not None:
+            cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return self.engine(z_t.to(self.dtype), t_in.to(self.dtype), cond).float()
+
+    def train_step(self, parts: Parts, batch: dict, g: torch.Generator, samples: int, boundary: bool, guard):
+        cfg = self.cfg
+        z_0 = batch["bits"].to(self.device).float()  # (B, L, C)
+        null = self.engine.module.null_condition(z_0.shape[0], self.device, self.null_text)
+        cond, _ = drop_condition(self.condition(batch), null, cfg.denoiser.cond_drop_prob, g)
+        loss, per_sample, t = diffusion_loss(self.model_fn, z_0, cond, self.a, cfg.diffusion.loss,
+                                             cfg.diffusion.aux_weight, g)
+        self.engine.backward(loss)
+        self.engine.step()  # an optimizer step at the accumulation boundary only
+        bucket = ((t - 1) * TIME_BUCKETS // cfg.diffusion.T).clamp(max=TIME_BUCKETS - 1)
+        sums = torch.zeros(TIME_BUCKETS, device=self.device).index_add_(0, bucket, per_sample.detach().float())
+        counts = torch.bincount(bucket, minlength=TIME_BUCKETS).float()
+        stats = {"loss": loss.detach(), **{f"loss_t{i}": torch.stack([sums[i], counts[i]]) for i in range(TIME_BUCKETS)}}
+        return stats, (not boundary) or self.engine.was_step_applied()
+
+    def log_extra(self, samples_per_s: float) -> dict:
+        info, cfg = D.dist_info(), self.cfg
+        grad_norm = self.engine.get_global_grad_norm()
+        peak = peak_flops(self.device, cfg.train.precision)
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": samples_per_s * self.tokens,
+                "mfu": self.flops * samples_per_s / (peak * info.world_size) if peak else None,
+                "peak_mem_gb": peak_memory_gb(self.device)}
+
+    def export(self, ema_state: dict, folder: Path) -> None:
+        """`model.safetensors` (EMA) + `config.json`: loadable on one process without DeepSpeed."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files.atomic_save_safetensors(ema_state, folder / "model.safetensors")
+        save_config(self.cfg, folder / "config.json")
+
+    def draw_grid(self, folder: Path, logger, record: dict) -> None:
+        """Samples for the recipe's fixed prompts from a checkpoint's EMA export (rank 0)."""
+        from bld_t2i.pipeline import BLDPipeline
+
+        path = Path(self.cfg.run.out_dir) / "samples" / f"{folder.name}.png"
+        BLDPipeline.from_pretrained(folder).save_grid(self.cfg.train.sample_prompts, path, seed=self.cfg.run.seed)
+        logger.log_image("samples", path, record["step"])
