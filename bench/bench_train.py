@@ -7,17 +7,18 @@
 For each preset (tiny: 8x8x16-bit latents; the others: 16x16x64, the authors' 256px latent),
 cross-attention to a random text condition of 16 tokens x 384:
 
-  (a) the trainer's step (bld_t2i/train.py): a DeepSpeed ZeRO-2 engine from
-      `distributed.build_engine`, caption dropout, `diffusion_loss`, the NaN all-reduce,
-      `engine.backward` / `engine.step` (gradient clipping inside), the sharded EMA update;
-      one process under torchrun, and `--procs` processes (gloo on the CPU) for the tiny preset;
-  (b) the same step as a plain single-process torch loop (AdamW, clip_grad_norm_, the same
-      EMA; bf16 through autocast): the difference is DeepSpeed's overhead.
+  (a) the trainer's own step (`T2ITask.train_step`, bld_t2i/training/t2i.py) on a DeepSpeed
+      ZeRO-2 engine from `distributed.build_engine`: pre-computed text embeddings, caption
+      dropout, `diffusion_loss`, `engine.backward` / `engine.step` (clipping and the non-finite
+      check inside), then the EMA update; one process under torchrun, and `--procs` processes
+      (gloo on the CPU) for the tiny preset;
+  (b) the same step around a plain single-process torch loop (`PlainEngine`: AdamW,
+      clip_grad_norm_, the same EMA; bf16 through autocast): the difference is DeepSpeed's overhead.
 
 The batch is fixed and already in memory: data loading is bench_data.py's subject. Each run
 is a fresh subprocess; only the steps after the warm-up are timed. GFLOP/s counts
 3 x `Denoiser.flops_per_sample(text_len=16)` per sample; MFU is given only where the peak
-is known (CUDA bf16, `bld_t2i.train.PEAK_BF16_FLOPS`), never guessed for a CPU.
+is known (CUDA bf16, `bld_t2i.training.t2i.PEAK_BF16_FLOPS`), never guessed for a CPU.
 Writes bench/results/train_<cpu|gpu>.md.
 """
 
@@ -48,67 +49,68 @@ def latent_shape(preset: str) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- one run (a subprocess)
 
 
+class PlainEngine:
+    """The baseline: the same model and AdamW as a plain single-process torch loop, with the
+    face of the DeepSpeed engine that `T2ITask.train_step` uses (bf16 through autocast)."""
+
+    def __init__(self, model, optimizer, grad_clip: float, bf16: bool):
+        self.module, self.optimizer, self.grad_clip, self.bf16 = model, optimizer, grad_clip, bf16
+
+    def __call__(self, *args):
+        with torch.autocast(args[0].device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.module(*args)
+
+    def train(self):
+        self.module.train()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return True
+
+
 def measure(args) -> dict:
     """Warm up, then time `args.steps` training steps of one path; returns rank 0's numbers."""
     from bld_t2i import distributed as D
     from bld_t2i.config import Config
-    from bld_t2i.diffusion import diffusion_loss, keep_factors
-    from bld_t2i.models.conditioning import drop_condition
     from bld_t2i.models.denoiser import Denoiser
-    from bld_t2i.train import ShardedEMA, peak_flops, peak_memory_gb, step_generator
+    from bld_t2i.training.ema import EMA
+    from bld_t2i.training.schedule import step_generator
+    from bld_t2i.training.t2i import T2ITask, null_condition_text, optimizer_for, peak_flops, peak_memory_gb
 
     cfg = Config()
     cfg.denoiser.preset, cfg.denoiser.conditioning = args.preset, "cross_attn"
-    cfg.train.precision = args.precision
+    cfg.train.precision, cfg.latents.use_embeddings, cfg.text_encoder.max_length = args.precision, True, TEXT_LEN
     device = D.pick_device(args.device)
     info = D.init(device) if args.path == "deepspeed" else D.dist_info()
-    torch.manual_seed(cfg.run.seed + info.rank)
+    torch.manual_seed(cfg.run.seed)
     h, w, C = latent_shape(args.preset)
     B = args.batch_size
     model = Denoiser(cfg.denoiser, (h, w, C), TEXT_DIM).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    z_0 = (torch.rand(B, h * w, C, device=device) < 0.5).float()  # (B, L, C) bits
-    cond = {"tokens": torch.randn(B, TEXT_LEN, TEXT_DIM, device=device),
-            "mask": torch.ones(B, TEXT_LEN, dtype=torch.bool, device=device),
-            "pooled": torch.randn(B, TEXT_DIM, device=device)}
-    empty_caption = {k: v[:1].clone() for k, v in cond.items()}  # stands for text_encoder.encode([""])
-    a = keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float().to(device)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-
+    optimizer = optimizer_for(model, cfg)
+    batch = {"bits": (torch.rand(B, h * w, C) < 0.5).to(torch.uint8),  # as the latent loader gives them
+             "emb": torch.randn(B, TEXT_LEN, TEXT_DIM).half(), "emb_mask": torch.ones(B, TEXT_LEN, dtype=torch.bool)}
+    null_text = null_condition_text(None, torch.zeros(1, TEXT_DIM), device)
     if args.path == "deepspeed":
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
             cfg.train.zero_stage, B, cfg.train.grad_accum, cfg.optim.grad_clip, args.precision))
-        module = engine.module
-
-        def model_fn(z_t, t_in, c):  # as in bld_t2i/train.py: the engine holds bf16 weights under bf16
-            c = {k: v.to(dtype) if v.is_floating_point() else v for k, v in c.items()}
-            return engine(z_t.to(dtype), t_in.to(dtype), c).float()
+        dtype = None
     else:
-        module = model
-
-        def model_fn(z_t, t_in, c):  # fp32 weights; bf16 matmuls through autocast
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                return model(z_t, t_in, c).float()
-    module.train()
-    ema = ShardedEMA(module)
+        engine, dtype = PlainEngine(model, optimizer, cfg.optim.grad_clip, args.precision == "bf16"), torch.float32
+    task = T2ITask()
+    task.attach(cfg, device, engine, null_text, dtype=dtype)  # the trainer's own step
+    module = engine.module
+    ema = EMA(module)
 
     def step(i: int) -> None:
-        g = step_generator(cfg.run.seed, info.rank, i, device)
-        null = module.null_condition(B, device, empty_caption)
-        c, _ = drop_condition(cond, null, cfg.denoiser.cond_drop_prob, g)
-        loss, _, _ = diffusion_loss(model_fn, z_0, c, a, cfg.diffusion.loss, cfg.diffusion.aux_weight, g)
-        finite = D.all_reduce_sum(torch.tensor([float(torch.isfinite(loss))], device=device)).item() == info.world_size
-        if not finite:
-            raise RuntimeError(f"non-finite loss at step {i}")
-        if args.path == "deepspeed":
-            engine.backward(loss)
-            engine.step()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        g = step_generator(cfg.run.seed, info.rank, i * B * info.world_size, device)
+        task.train_step(None, batch, g, i * B * info.world_size, True, None)
         ema.update(cfg.train.ema_decay)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

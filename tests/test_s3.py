@@ -38,7 +38,7 @@ def test_write_read_resume_and_encode_through_s3(bucket, tmp_path, load_tool):
     first = image_loader(cfg, seed=3)
     head = [next(first)["key"] for _ in range(2)]
     resumed = image_loader(cfg, seed=3)
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # seeks inside s3 objects
+    resumed.load_state_dict([json.loads(json.dumps(first.state_dict()))])  # seeks inside s3 objects
     assert head + [next(resumed)["key"] for _ in range(3)] == expected
 
     with pytest.raises(FileNotFoundError, match="6 of 10 shard.*not found: s3://bld-test/fm/shard-000004.tar"):

@@ -13,7 +13,7 @@ from PIL import Image
 from bld_t2i.config import DataConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
-from bld_t2i.data.stream import epoch_shards
+from bld_t2i.data.plan import epoch_shards
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets", "shards")
 
@@ -65,8 +65,8 @@ def test_split_covers_every_sample_once_per_epoch(tmp_path, write_image_shards):
 
 def test_shard_order_changes_with_epoch():
     urls = [f"x-{i}" for i in range(8)]
-    assert epoch_shards(urls, 0, 0, 0, 1) != epoch_shards(urls, 0, 1, 0, 1)
-    assert sorted(epoch_shards(urls, 0, 3, 0, 1)) == urls
+    assert epoch_shards(urls, 0, 0, 0, 1, False) != epoch_shards(urls, 0, 1, 0, 1, False)
+    assert sorted(epoch_shards(urls, 0, 3, 0, 1, False)) == urls
 
 
 def test_resume_is_exact_and_does_not_reread(tmp_path, write_image_shards):
@@ -83,14 +83,14 @@ def test_resume_is_exact_and_does_not_reread(tmp_path, write_image_shards):
     # finished and, in its current shard, everything before its window's offset.
     urls = expand_urls(spec)
     for worker, at in state["workers"].items():
-        shards = epoch_shards(urls, 5, at["epoch"], int(worker), 2)
+        shards = epoch_shards(urls, 5, at["epoch"], int(worker), 2, False)
         for done in shards[: at["shard"]]:
             os.truncate(done, 0)
         with open(shards[at["shard"]], "r+b") as f:
             f.write(b"\xff" * at["offset"])
 
     resumed = image_loader(cfg, seed=5)
-    resumed.load_state_dict(state)
+    resumed.load_state_dict([state])
     assert head + keys_of(resumed, 20) == straight
     assert resumed.skipped() == {}
 
@@ -162,7 +162,8 @@ def test_bad_inputs_are_skipped_counted_or_repaired(tmp_path, caplog):
 
 def test_too_few_shards_is_an_error_naming_the_counts():
     cfg = DataConfig(shards=f"{ASSETS}/tiny-{{000000..000001}}.tar", num_workers=2)
-    with pytest.raises(ValueError, match=r"2 shard\(s\).*2 rank\(s\) x 2 loader worker\(s\) = 4 slots"):
+    counts = r"2 shard\(s\).*2 rank\(s\) x 2 loader worker\(s\) = 4 slots.*set resampled: true"
+    with pytest.raises(ValueError, match=counts):
         image_loader(cfg, seed=0, rank=0, world_size=2)
 
 
@@ -172,13 +173,18 @@ def test_missing_shard_is_a_clear_error():
         image_loader(cfg, seed=0)
 
 
-def test_resume_refuses_another_layout(tmp_path, write_image_shards):
-    spec = write_image_shards(str(tmp_path), num_shards=2, per_shard=4, size=8)
+def test_resume_refuses_another_shard_list_or_a_single_state(tmp_path, write_image_shards):
+    spec = write_image_shards(str(tmp_path), num_shards=3, per_shard=4, size=8)
     a = image_loader(DataConfig(shards=spec, image_size=8, batch_size=2, num_workers=1), seed=0)
     next(a)
-    b = image_loader(DataConfig(shards=spec, image_size=8, batch_size=2, num_workers=2), seed=0)
-    with pytest.raises(ValueError, match="num_workers=1 cannot resume with num_workers=2"):
-        b.load_state_dict(a.state_dict())
+    fewer = image_loader(DataConfig(shards=spec.replace("000002", "000001"), image_size=8, num_workers=1), seed=0)
+    with pytest.raises(ValueError, match=r"another shard list .* this run's 2 shard\(s\)"):
+        fewer.load_state_dict([a.state_dict()])
+    with pytest.raises(TypeError, match="list of every rank's state_dict"):
+        fewer.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"ranks \[0\] .* one state from each rank"):
+        image_loader(DataConfig(shards=spec, num_workers=1), seed=0, rank=0, world_size=2).load_state_dict(
+            [{**a.state_dict(), "world_size": 2}])
 
 
 def test_make_shards_sources(tmp_path, load_tool, capsys):

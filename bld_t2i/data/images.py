@@ -140,6 +140,6 @@ def image_loader(cfg: DataConfig, seed: int, rank: int | None = None, world_size
     spec = cfg.shards if shards is None else shards
     if not spec:
         raise ValueError("data.shards is empty: set it to the image shards' URL(s)")
-    dataset = ShardDataset(spec, ImageDecoder(cfg.image_size, cfg.resize, cfg.min_image_size), cfg.batch_size,
-                           seed, cfg.shuffle_window, rank, world_size, cfg.num_workers, finite)
+    dataset = ShardDataset(spec, ImageDecoder(cfg.image_size, cfg.resize, cfg.min_image_size), cfg, seed, rank,
+                           world_size, finite)
     return ShardLoader(dataset, cfg.num_workers)

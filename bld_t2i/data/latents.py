@@ -154,6 +154,6 @@ def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape,
     if not cfg.shards:
         raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
     check_manifests(cfg.shards, fingerprint, latent_shape)
-    dataset = ShardDataset(cfg.shards, LatentDecoder(latent_shape, cfg.use_embeddings), cfg.batch_size, seed,
-                           cfg.shuffle_window, rank, world_size, cfg.num_workers, finite)
+    dataset = ShardDataset(cfg.shards, LatentDecoder(latent_shape, cfg.use_embeddings), cfg, seed, rank, world_size,
+                           finite)
     return ShardLoader(dataset, cfg.num_workers)

@@ -1,6 +1,7 @@
 """Shard files: URL expansion, a fast tar reader with byte offsets, atomic writing.
 
-Shards are WebDataset tar files, local or on object storage (``s3://``) through fsspec.
+Shards are WebDataset tar files (``.tar``, or gzip-compressed ``.tar.gz``/``.tgz``), local
+or on object storage (``s3://``) through fsspec.
 A sample is the run of consecutive members sharing a key, the img2dataset layout
 ``{key}.jpg``, ``{key}.txt``, ``{key}.json`` (WebDataset's ``base_plus_ext`` rule: the key
 is the path up to the first dot of the file name).
@@ -13,10 +14,14 @@ byte offset where every sample starts, which is what resuming without replay see
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import posixpath
+import re
 import tempfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
@@ -27,6 +32,8 @@ from braceexpand import braceexpand
 BLOCK = 512
 _READ_CHUNK = 1 << 20  # bytes per read from the file; tar members are parsed out of it
 _ZERO_BLOCK = bytes(BLOCK)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_GZIP_SUFFIXES = (".tar.gz", ".tgz")
 
 
 class ShardError(Exception):
@@ -41,9 +48,23 @@ class ShardError(Exception):
 # ----------------------------------------------------------------------------- URLs
 
 
+def _glob(pattern: str, spec: str) -> list[str]:
+    """The shards matching a glob, sorted (one listing per folder level; the order is the
+    data set's, so a resumed run sees the same list)."""
+    fs, path = fsspec.core.url_to_fs(pattern)
+    matches = sorted(fs.glob(path))
+    if not matches:
+        raise FileNotFoundError(f"no shard matches {pattern!r} (in shard spec {spec!r})")
+    return matches if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(m) for m in matches]
+
+
 def expand_urls(spec: str) -> list[str]:
-    """``"a/x-{000000..000009}.tar::s3://b/y-{0..3}.tar"`` -> the list of shard URLs."""
-    urls = [url for part in spec.split("::") if part.strip() for url in braceexpand(part.strip())]
+    """``"a/x-{000000..000009}.tar::s3://b/y/*.tar.gz"`` -> the list of shard URLs: braces are
+    expanded first, then each URL with ``*``, ``?`` or ``[`` is a glob."""
+    urls = []
+    for part in spec.split("::"):
+        for url in braceexpand(part.strip()) if part.strip() else ():
+            urls += _glob(url, spec) if _GLOB_CHARS.search(url) else [url]
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
     return urls
@@ -103,6 +124,18 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+@contextmanager
+def _gzip_errors(url: str, at: int):
+    """A .tar.gz whose compressed stream is cut or garbled is a format error of the shard,
+    not a storage fault: gzip's errors (BadGzipFile is an OSError) become ShardError."""
+    try:
+        yield
+    except EOFError:
+        raise ShardError("truncated_gzip", f"{url}: compressed stream cut after byte {at} of the tar") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise ShardError("corrupt_gzip", f"{url}: {e}") from None
+
+
 def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, bytes]]:
     """Yield (start, end, name, data) for each regular file of a tar stream from `offset`.
 
@@ -111,14 +144,16 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
     tar header ShardError("corrupt_tar"). The fields are read in place from a 1 MiB
     buffer: this loop is the latent loader's hot path (~3 members per sample).
     """
-    f.seek(offset)
+    with _gzip_errors(url, offset):
+        f.seek(offset)
     buf, pos, base = b"", 0, offset  # buf[pos] is at file offset base + pos
     long_name: str | None = None
     start = None
     while True:
         if pos + BLOCK > len(buf):
             base += pos
-            buf, pos = buf[pos:] + f.read(_READ_CHUNK), 0
+            with _gzip_errors(url, base):
+                buf, pos = buf[pos:] + f.read(_READ_CHUNK), 0
             if len(buf) < BLOCK:
                 if not buf and start is None:
                     return  # a stream that ends without the two zero blocks: accepted, like tarfile
@@ -139,7 +174,8 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
         stop = pos + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
         if stop > len(buf):
             base += pos
-            buf, stop = buf[pos:] + f.read(max(_READ_CHUNK, stop - len(buf))), stop - pos
+            with _gzip_errors(url, base):
+                buf, stop = buf[pos:] + f.read(max(_READ_CHUNK, stop - len(buf))), stop - pos
             pos = 0
             if stop > len(buf):
                 name = long_name or buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -188,13 +224,27 @@ def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
         yield current
 
 
+class _GzipShard(gzip.GzipFile):
+    """A decompressed .tar.gz that also closes the shard file under it (GzipFile leaves a
+    file object it was given open)."""
+
+    def close(self) -> None:
+        source = self.fileobj
+        super().close()
+        if source is not None:
+            source.close()
+
+
 def open_shard(url: str):
-    """Open a shard for reading; a missing one is an error that names it."""
+    """Open a shard for reading, decompressing a .tar.gz/.tgz; a missing one is an error that
+    names it. Offsets in a compressed shard are offsets in its tar stream, so seeking there
+    decompresses the bytes before it."""
     fs, path = fsspec.core.url_to_fs(url)
     try:
-        return fs.open(path, "rb", block_size=_READ_CHUNK)
+        f = fs.open(path, "rb", block_size=_READ_CHUNK)
     except FileNotFoundError:
         raise FileNotFoundError(f"shard not found: {url}") from None
+    return _GzipShard(fileobj=f, mode="rb") if url.endswith(_GZIP_SUFFIXES) else f
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,39 +1,44 @@
 """The shard stream shared by the image reader and the latent loader.
 
-Split. The shards are dealt to ``slots = world_size * num_workers`` (rank, worker) slots:
-in epoch ``e`` the shard list is permuted with a RNG seeded from ``(seed, e)`` and slot
-``s = rank * num_workers + worker`` reads ``perm[s::slots]``. Fewer shards than slots is an
-error at start-up: a slot with no shard would hang a collective or stall a loader.
+Split, position and resume: see `bld_t2i.data.plan` (shards dealt to rank x worker
+slots, exact or resampled epochs, elastic resume on another number of ranks or workers).
 
-Shuffle. Each worker reads its stream in consecutive windows of ``shuffle_window`` raw
+Shuffle. Each worker reads its pieces in consecutive windows of ``shuffle_window`` raw
 samples, permutes each window with a RNG seeded from ``(seed, epoch, slot, window)`` and
-emits it. A window may span shards; windows restart with each epoch.
+emits it. A window may span shards; windows restart with each epoch. Restoring seeks
+straight to the window's byte offset and re-reads that one window (raw bytes; the
+``emitted`` samples are not decoded again): at most ``shuffle_window`` samples of I/O.
 
-Position. After every emitted sample the worker's position is ``(epoch, shard, offset,
-window, emitted)``: the window's first sample is at byte ``offset`` of the slot's
-``shard``-th shard of the epoch and ``emitted`` of its samples are out. Restoring seeks
-straight to ``offset`` and re-reads that one window (raw bytes; the ``emitted`` samples are
-not decoded again) - at most ``shuffle_window`` samples of I/O, never the samples before.
+Storage faults. A read that fails with a transient error (after s3fs's and botocore's own
+retries: a reset connection, a 5xx, a timeout) is retried ``read_retries`` times with
+exponential backoff from ``retry_backoff_s`` capped at ``retry_max_backoff_s``, reopening
+the shard at the end of the last whole sample; then the rest of the shard is skipped for
+this epoch ("read_error"). A shard that is gone (FileNotFoundError) or forbidden is not
+retried. Both are counted, logged with the URL and listed by `failed_shards()`; a
+worker whose whole epoch gives nothing usable stops with an error naming them.
 
 Order. Loaders are infinite (epochs roll over inside each worker), so every torch
 DataLoader worker always has a next batch and DataLoader's round-robin is deterministic:
 batch ``n`` comes from worker ``n % W``. Each batch carries its worker's position; the
-loader keeps the latest one per worker and the number of batches consumed, and on restore
-rotates the workers' roles so that the next batch comes from the right logical worker.
-A finite mode (one epoch, last batch partial) serves encoding and coverage checks.
+loader keeps the latest one per worker and the number of batches consumed, and on an
+exact resume rotates the workers' roles so that the next batch comes from the right
+logical worker. A finite mode (one epoch, last batch partial) serves encoding and coverage.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bld_t2i.data.plan import (Piece, Position, check_split, epoch_shards, plan_of, position_of, restore,
+                               shard_list_digest, slot_pieces)
 from bld_t2i.data.shards import RawSample, ShardError, check_exist, expand_urls, iter_samples, open_shard
 from bld_t2i.distributed import dist_info
 
@@ -48,66 +53,94 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-class Position(NamedTuple):
-    """Where a worker is; made once per sample, hence a tuple. Its skip counts travel beside it."""
-
-    epoch: int = 0
-    shard: int = 0  # index into this slot's shards of the epoch
-    offset: int = 0  # byte offset of the current window's first sample
-    window: int = 0  # window index within the epoch
-    emitted: int = 0  # samples of the window already emitted
+class Retry(NamedTuple):
+    retries: int  # failed reads of a shard in a row before the rest of it is skipped
+    backoff_s: float  # the first wait; it doubles with each retry
+    max_backoff_s: float
 
 
-def epoch_shards(urls: list[str], seed: int, epoch: int, slot: int, slots: int) -> list[str]:
-    perm = np.random.default_rng([seed, epoch]).permutation(len(urls))
-    return [urls[i] for i in perm[slot::slots]]
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a storage hiccup raises through fsspec/s3fs: s3fs turns S3's 5xx answers into
+    OSError, but a refused or reset connection comes as a botocore or aiohttp exception."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:  # no S3 support installed: local files only
+        pass
+    try:
+        from aiohttp import ClientError as HttpError
+
+        errors.append(HttpError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
-def check_split(num_shards: int, world_size: int, num_workers: int, spec: str) -> None:
-    slots = world_size * num_workers
-    if num_shards < slots:
-        raise ValueError(
-            f"{num_shards} shard(s) in {spec!r} cannot feed {world_size} rank(s) x {num_workers} "
-            f"loader worker(s) = {slots} slots; every slot needs at least one shard "
-            f"(write more, smaller shards or use fewer workers)"
-        )
+class ShardReader:
+    """Reads one shard from a byte offset, surviving storage faults; counts what it skips into
+    `skipped` and appends storage failures, (url, reason), to `failed`."""
 
+    def __init__(self, retry: Retry, skipped: Counter, failed: list[tuple[str, str]]):
+        self.retry, self.skipped, self.failed = retry, skipped, failed
+        self.transient = transient_errors()
 
-def _raw_stream(shards: list[str], pos: Position, skipped: Counter) -> Iterator[tuple[int, RawSample]]:
-    """(shard index, sample) from `pos.shard` at `pos.offset` to the end of the epoch.
-
-    A shard that breaks mid-way (truncated or corrupt tar) ends there and is counted, and
-    so is a shard without a single sample (a zero-byte file, an empty tar).
-    """
-    for index in range(pos.shard, len(shards)):
-        offset = pos.offset if index == pos.shard else 0
-        with open_shard(shards[index]) as f:
+    def __call__(self, url: str, offset: int) -> Iterator[RawSample]:
+        attempt, at, empty = 0, offset, True
+        while True:
             try:
-                empty = True
-                for sample in iter_samples(f, shards[index], offset):
-                    empty = False
-                    yield index, sample
+                with open_shard(url) as f:
+                    for sample in iter_samples(f, url, at):
+                        attempt, at, empty = 0, sample.end, False  # progress: the retry budget restarts
+                        yield sample
                 if empty and offset == 0:
-                    skipped["empty_shard"] += 1
-                    log.warning("shard without samples: %s", shards[index])
+                    self.skipped["empty_shard"] += 1
+                    log.warning("shard without samples: %s", url)
+                return
             except ShardError as e:
-                skipped[e.reason] += 1
+                self.skipped[e.reason] += 1
                 log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
+                return
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                # The storage answered: waiting would not bring the shard back.
+                self._fail(url, "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard", e)
+                return
+            except self.transient as e:
+                if attempt >= self.retry.retries:
+                    self._fail(url, "read_error", e)
+                    return
+                wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
+                attempt += 1
+                log.warning("read error in %s at byte %d (%s: %s); retry %d of %d in %.2f s",
+                            url, at, type(e).__name__, e, attempt, self.retry.retries, wait)
+                time.sleep(wait)
+
+    def _fail(self, url: str, reason: str, e: BaseException) -> None:
+        self.skipped[reason] += 1
+        self.failed.append((url, reason))
+        log.warning("skipping shard %s for this epoch (%s): %s: %s", url, reason, type(e).__name__, e)
 
 
-def sample_stream(
-    urls: list[str], seed: int, slot: int, slots: int, window: int, pos: Position, finite: bool, skipped: Counter
-) -> Iterator[tuple[RawSample, Position]]:
+def _raw_stream(pieces: list[Piece], pos: Position, read) -> Iterator[tuple[int, RawSample]]:
+    """(piece index, sample) from `pos.shard` at `pos.offset` to the end of the epoch."""
+    for index in range(pos.shard, len(pieces)):
+        url, start = pieces[index]
+        # Reading only moves forward, so a position inside a piece is at or past its start.
+        for sample in read(url, max(start, pos.offset) if index == pos.shard else start):
+            yield index, sample
+
+
+def sample_stream(pieces_of: Callable[[int], list[Piece]], read, seed: int, slot: int, window: int, pos: Position,
+                  finite: bool) -> Iterator[tuple[RawSample | None, Position]]:
     """The windowed-shuffled raw samples of one slot, each with the position after it.
 
-    Broken shards are counted into `skipped`; positions carry no counts (the caller's).
     An infinite stream marks each epoch's end with ``(None, start of the next epoch)``.
     """
     while True:
-        shards = epoch_shards(urls, seed, pos.epoch, slot, slots)
-        raw = _raw_stream(shards, pos, skipped)
+        raw = _raw_stream(pieces_of(pos.epoch), pos, read)
         while True:
-            win = list(islice(raw, window))  # [(shard index, sample)]; the window starts at the first
+            win = list(islice(raw, window))  # [(piece index, sample)]; the window starts at the first
             if not win:
                 break
             start_shard, _ = win[0]
@@ -141,41 +174,50 @@ class Decoder:
 
 
 class ShardDataset(IterableDataset):
-    """Batches from the shards of this rank; each worker plays a logical worker role."""
+    """Batches from the shards of this rank; each worker plays a logical worker role.
 
-    def __init__(self, spec, decoder, batch_size, seed, shuffle_window, rank, world_size, num_workers, finite):
+    `cfg` is the DataConfig or LatentsConfig (the stream fields have the same names)."""
+
+    def __init__(self, spec: str, decoder: Decoder, cfg, seed: int, rank: int, world_size: int, finite: bool):
         super().__init__()
         self.urls = expand_urls(spec)
+        self.digest = shard_list_digest(self.urls)  # saved with the position: a resume must see the same list
         self.spec = spec
         self.decoder = decoder
-        self.batch_size = batch_size
+        self.batch_size, self.window, self.resampled = cfg.batch_size, cfg.shuffle_window, cfg.resampled
+        self.retry = Retry(cfg.read_retries, cfg.retry_backoff_s, cfg.retry_max_backoff_s)
         self.seed = seed
-        self.window = shuffle_window
-        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, cfg.num_workers)
         self.finite = finite
-        self.resume: dict[str, dict] = {}  # logical worker -> its Position fields and "skipped"
+        self.resume: dict[str, dict] = {}  # logical worker -> its saved state (position, "skipped", "plan")
         self.rotation = 0  # physical worker p plays logical worker (p + rotation) % W
-        check_split(len(self.urls), world_size, self.num_workers, spec)
+        check_split(len(self.urls), world_size, self.num_workers, spec, self.resampled)
         check_exist(self.urls)
+
+    def pieces_of(self, saved: dict, slot: int) -> Callable[[int], list[Piece]]:
+        slots = self.world_size * self.num_workers
+        return lambda epoch: slot_pieces(saved, self.urls, self.seed, epoch, slot, slots, self.resampled)
 
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
-        slot, slots = self.rank * self.num_workers + worker, self.world_size * self.num_workers
-        saved = self.resume[str(worker)] if str(worker) in self.resume else {"skipped": {}}
-        pos = Position(**{k: v for k, v in saved.items() if k in Position._fields})
-        skipped = Counter(saved["skipped"])
+        slot = self.rank * self.num_workers + worker
+        saved = self.resume.get(str(worker), {})
+        pos, planned = position_of(saved), set(plan_of(saved))
+        skipped, failed = Counter(saved.get("skipped", {})), []
         items, at = [], pos
-        # A full epoch without one usable sample would spin forever: an error instead of a hang.
-        full_epoch, used = pos == Position(pos.epoch), 0
-        stream = sample_stream(self.urls, self.seed, slot, slots, self.window, pos, self.finite, skipped)
+        # A full epoch without one usable sample would spin forever: an error instead of a hang
+        # (resampled: once every shard of the data set was drawn in such epochs).
+        full_epoch, used, barren = pos == Position(pos.epoch) and pos.epoch not in planned, 0, set()
+        read = ShardReader(self.retry, skipped, failed)
+        stream = sample_stream(self.pieces_of(saved, slot), read, self.seed, slot, self.window, pos, self.finite)
         for raw, at in stream:
             if raw is None:
                 if full_epoch and not used:
-                    shards = epoch_shards(self.urls, self.seed, at.epoch - 1, slot, slots)
-                    raise RuntimeError(f"rank {self.rank} loader worker {worker}: a whole epoch of its shards gave "
-                                       f"no usable sample (skipped: {dict(skipped)}); shards: {shards}")
-                full_epoch, used = True, 0
+                    self._check_barren(barren, at.epoch - 1, slot, worker, skipped, failed)
+                else:
+                    barren = set()
+                full_epoch, used = at.epoch not in planned, 0
                 continue
             try:
                 items.append(self.decoder.sample(raw))
@@ -185,14 +227,24 @@ class ShardDataset(IterableDataset):
                     log.warning("skipping sample %s in %s: %s (further ones counted)", raw.key, raw.url, e.reason)
                 skipped[e.reason] += 1
             if len(items) == self.batch_size:
-                yield self._batch(items, worker, at, skipped)
+                yield self._batch(items, worker, at, skipped, failed)
                 items = []
+                failed.clear()  # in place: the reader appends to this list
         if items:
-            yield self._batch(items, worker, at, skipped)
+            yield self._batch(items, worker, at, skipped, failed)
 
-    def _batch(self, items, worker, at: Position, skipped: Counter) -> dict:
+    def _check_barren(self, barren: set, epoch: int, slot: int, worker: int, skipped: Counter, failed: list) -> None:
+        slots = self.world_size * self.num_workers
+        shards = epoch_shards(self.urls, self.seed, epoch, slot, slots, self.resampled)
+        barren.update(shards)
+        if not self.resampled or len(barren) == len(set(self.urls)):
+            raise RuntimeError(f"rank {self.rank} loader worker {worker}: a whole epoch of its shards gave no usable "
+                               f"sample (skipped: {dict(skipped)}); failed reads: {failed}; shards: {shards}")
+
+    def _batch(self, items, worker, at: Position, skipped: Counter, failed: list) -> dict:
         batch = self.decoder.collate(items)
-        batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped)}
+        # `failed` holds the failures since the last batch: a flaky store must not grow every batch.
+        batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped), "failed": list(failed)}
         return batch
 
 
@@ -202,13 +254,14 @@ def _as_is(batch: dict) -> dict:
 
 
 class ShardLoader:
-    """Infinite (or one-epoch) batches for this rank, with `state_dict` for exact resume."""
+    """Infinite (or one-epoch) batches for this rank, with `state_dict` for exact or elastic resume."""
 
     def __init__(self, dataset: ShardDataset, num_workers: int):
         self.dataset = dataset
         self.num_workers = num_workers
         self._iter = None
         self._positions: dict[str, dict] = {}
+        self._failed: list[tuple[str, str]] = []  # storage failures of this rank's workers in this run
         self._batches = 0
 
     def __iter__(self) -> "ShardLoader":
@@ -222,7 +275,9 @@ class ShardLoader:
             ))
         batch = next(self._iter)
         at = batch.pop("_position")
-        self._positions[str(at.pop("worker"))] = at
+        worker = str(at.pop("worker"))
+        self._failed += [tuple(f) for f in at.pop("failed")]
+        self._positions[worker] = at
         self._batches += 1
         return self.dataset.decoder.finish(batch)
 
@@ -231,29 +286,38 @@ class ShardLoader:
         self._iter = None
 
     def skipped(self) -> dict[str, int]:
-        """Skipped samples by reason, summed over this rank's workers (resume included)."""
+        """Skipped samples (and shards) by reason, summed over this rank's workers (resume included)."""
         total: Counter = Counter()
         for at in self.state_dict()["workers"].values():
             total.update(at["skipped"])
         return dict(total)
 
-    def state_dict(self) -> dict:
-        ds = self.dataset
-        workers = {**ds.resume, **self._positions}
-        return {"rank": ds.rank, "world_size": ds.world_size, "num_workers": ds.num_workers,
-                "batches": self._batches, "workers": workers}
+    def failed_shards(self) -> list[tuple[str, str]]:
+        """(url, reason) of the shards this rank skipped in this run after read retries (or gone)."""
+        return list(self._failed)
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        """This rank's data position (JSON-able, small): each worker's position, skip counts and the
+        pieces of the epochs an elastic resume re-dealt. The trainer saves every rank's."""
         ds = self.dataset
-        for name in ("rank", "world_size", "num_workers"):
-            if state[name] != getattr(ds, name):
-                raise ValueError(
-                    f"data position saved with {name}={state[name]} cannot resume with {name}={getattr(ds, name)}"
-                )
-        ds.resume = dict(state["workers"])
-        ds.rotation = state["batches"] % ds.num_workers
-        self._batches = state["batches"]
-        self._positions = {}
+        workers = {}
+        for name, saved in {**ds.resume, **self._positions}.items():
+            state = {**saved, "skipped": saved.get("skipped", {})}
+            plan = ds.resume.get(name, {}).get("plan", {})
+            epoch = position_of(state).epoch
+            state["plan"] = {e: p for e, p in plan.items() if int(e) >= epoch}  # finished epochs are dropped
+            workers[name] = state
+        return {"rank": ds.rank, "world_size": ds.world_size, "num_workers": ds.num_workers,
+                "shards": ds.digest, "batches": self._batches, "workers": workers}
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        """Resume from every rank's `state_dict()` (the all-gathered list), saved by any number of
+        ranks and workers; this rank takes its share (see bld_t2i.data.plan)."""
+        ds = self.dataset
+        ds.resume, self._batches = restore(states, ds.rank, ds.world_size, ds.num_workers, ds.urls, ds.seed,
+                                           ds.resampled)
+        ds.rotation = self._batches % ds.num_workers
+        self._positions, self._failed = {}, []
         self._iter = None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from bld_t2i import checkpoint as files
 from bld_t2i import distributed as D
 from bld_t2i.config import Config, save_config, to_dict
+from bld_t2i.data.plan import describe_resume
 from bld_t2i.tracking import StatsLogger
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
@@ -114,6 +116,9 @@ def _resume(parts: Parts, name: str, info) -> dict:
     else:
         D.print0(f"[{name}] world size changed: checkpoint written by {state['world_size']} rank(s), "
                  f"resuming on {info.world_size}")
+    layout = describe_resume(client["loader"], info.world_size, parts.loader.state_dict()["num_workers"])
+    if layout:
+        D.print0(f"[{name}] {layout}")
     D.print0(f"[{name}] resumed from step {state['step']}: {folder} at {state['samples']} samples")
     return state
 
@@ -214,7 +219,15 @@ def _log(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, stat
               **clock.lap(state["samples"]), "skipped_steps": state["skipped_steps"]}
     if parts.log_extra is not None:
         record.update(parts.log_extra(record["samples_per_s"]))
-    record.update({f"data/skipped_{k}": v for k, v in parts.loader.skipped().items()})
+    # every rank's data faults, gathered at log time only: skips by reason, shards given up on
+    faults = D.all_gather_objects((parts.loader.skipped(), parts.loader.failed_shards()))
+    skipped = Counter()
+    for counts, _ in faults:
+        skipped.update(counts)
+    record.update({f"data/skipped_{k}": v for k, v in sorted(skipped.items())})
+    failed = [f"{url} ({reason})" for _, shards in faults for url, reason in shards]
+    if failed:
+        record["data/failed_shards"] = ", ".join(failed)
     if logger is not None:
         logger.log(record, state["step"])
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in record.items()

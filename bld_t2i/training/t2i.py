@@ -70,6 +70,16 @@ def optimizer_for(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
+def null_condition_text(text_encoder, null_emb: torch.Tensor | None, device: torch.device) -> dict | None:
+    """The empty caption's condition for caption dropout: encoded, or the data set's stored one."""
+    if text_encoder is not None:
+        return text_encoder.encode([""])
+    if null_emb is not None:
+        mask = torch.ones(1, null_emb.shape[0], dtype=torch.bool, device=device)
+        return condition_from_embeddings(null_emb[None].to(device), mask)
+    return None
+
+
 class T2ITask:
     """build() and train_step() of the denoiser (text, class or unconditional)."""
 
@@ -80,46 +90,45 @@ class T2ITask:
 
     def build(self, cfg: Config, device: torch.device, grad_accum: int, resume_world: int | None) -> Parts:
         info = D.dist_info()
-        self.cfg, self.device = cfg, device
         fingerprint, latent_shape = expected_latents(cfg)
         loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size)
-        self.text_encoder = None
+        text_encoder = None
         if cfg.denoiser.conditioning in TEXT_MODES and not cfg.latents.use_embeddings:
-            self.text_encoder = build_text_encoder(cfg.text_encoder, device)
+            text_encoder = build_text_encoder(cfg.text_encoder, device)
         null_emb = None
         if cfg.latents.use_embeddings:
             null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
-        text_dim = null_emb.shape[-1] if null_emb is not None else (self.text_encoder.dim if self.text_encoder else 0)
+        text_dim = null_emb.shape[-1] if null_emb is not None else (text_encoder.dim if text_encoder else 0)
         model = Denoiser(cfg.denoiser, latent_shape, text_dim).to(device)
-        self.tokens = latent_shape[0] * latent_shape[1]  # L = h * w
-        self.flops = 3 * (model.flops_per_sample(text_len=cfg.text_encoder.max_length)
-                          if cfg.denoiser.conditioning == "cross_attn" else model.flops_per_sample())
         D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
                  f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), latents {latent_shape}, "
                  f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
         optimizer = optimizer_for(model, cfg)
         elastic = resume_world is not None and resume_world != info.world_size
-        self.engine = D.build_engine(model, optimizer, D.deepspeed_config(
+        engine = D.build_engine(model, optimizer, D.deepspeed_config(
             cfg.train.zero_stage, cfg.latents.batch_size, grad_accum, cfg.optim.grad_clip, cfg.train.precision,
             load_universal=elastic))
-        self.engine.train()
-        self.null_text = self._null_text(null_emb)
-        self.a = keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float().to(device)
-        self.dtype = DTYPES[cfg.train.precision]
-        return Parts(loader=loader, ema=EMA(self.engine.module), optimizers=[(optimizer, 1.0)],
-                     checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=self.engine,
+        self.attach(cfg, device, engine, null_condition_text(text_encoder, null_emb, device), text_encoder)
+        return Parts(loader=loader, ema=EMA(engine.module), optimizers=[(optimizer, 1.0)],
+                     checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=engine,
                                                universal=elastic),
-                     export=self.export, export_files=("model.safetensors", "config.json"), on_sample=self.draw_grid if cfg.autoencoder.path else None,
-                     log_extra=self.log_extra)
+                     export=self.export, export_files=("model.safetensors", "config.json"),
+                     on_sample=self.draw_grid if cfg.autoencoder.path else None, log_extra=self.log_extra)
 
-    def _null_text(self, null_emb: torch.Tensor | None) -> dict | None:
-        """The empty caption's condition, for caption dropout."""
-        if self.text_encoder is not None:
-            return self.text_encoder.encode([""])
-        if null_emb is not None:
-            mask = torch.ones(1, null_emb.shape[0], dtype=torch.bool, device=self.device)
-            return condition_from_embeddings(null_emb[None].to(self.device), mask)
-        return None
+    def attach(self, cfg: Config, device: torch.device, engine, null_text: dict | None, text_encoder=None,
+               dtype: torch.dtype | None = None) -> None:
+        """What the step needs, around an engine: `build` gives it a DeepSpeed engine, and
+        bench/bench_train.py the same step around a plain torch loop. `dtype`: the weights'
+        (default: train.precision's)."""
+        self.cfg, self.device, self.engine, self.null_text, self.text_encoder = cfg, device, engine, null_text, text_encoder
+        self.a = keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float().to(device)
+        self.dtype = dtype or DTYPES[cfg.train.precision]
+        module = engine.module
+        self.tokens = module.latent_shape[0] * module.latent_shape[1]  # L = h * w
+        cross = cfg.denoiser.conditioning == "cross_attn"
+        self.flops = 3 * (module.flops_per_sample(text_len=cfg.text_encoder.max_length) if cross
+                          else module.flops_per_sample())
+        engine.train()
 
     def condition(self, batch: dict) -> dict | None:
         """The batch's condition for the denoiser (text tokens, class label or None)."""
