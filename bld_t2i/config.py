@@ -191,6 +191,9 @@ class LogConfig:
     wandb: bool = False
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "bld_t2i"
+    # Append every batch's sample keys to <out_dir>/sample_keys/rank<r>.txt: an audit of what
+    # each rank read, e.g. that a resume on another world size delivers each sample once.
+    sample_keys: bool = False
 
 
 @dataclass

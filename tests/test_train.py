@@ -25,7 +25,7 @@ from t2i_fixtures import train_command, train_env
 
 pytestmark = pytest.mark.slow
 STEP_SAMPLES = 16  # 2 ranks x batch 8
-STEPS = 16
+STEPS = 20  # 16 was within 0.002 of the 0.05 bar for two different random streams
 
 
 def _train(tmp: Path, name: str, lat: str, ae: Path, *overrides: str, timeout: int = 600) -> Path:

@@ -148,6 +148,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
         save_config(cfg, out / "config.json")
         logger = StatsLogger(out, cfg, cfg.log, state["run_id"], resume_samples=state["samples"])
     stats, clock = _Stats(device), _Clock(state["samples"])
+    audit = _KeyAudit(out, info.rank) if cfg.log.sample_keys else None
     loader = iter(parts.loader)
     sync = {"stop": False, "done": False}
 
@@ -165,6 +166,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
         for m in range(accum):
             batch = clock.wait(loader)
             seen = state["samples"] + m * micro * info.world_size
+            if audit is not None:
+                audit.write(seen, batch["key"])
             g = step_generator(cfg.run.seed, info.rank, seen, device)
             step_stats, applied = task.train_step(parts, batch, g, seen, m == accum - 1, guard)
             stats.add(step_stats)
@@ -191,6 +194,18 @@ def fit(cfg: Config, task: Task) -> Path | None:
                      f"{state['step']} ({state['samples']} samples); checkpoint saved")
             break
     return _finish(task, parts, logger, state, stop, out)
+
+
+class _KeyAudit:
+    """log.sample_keys: one line per micro-batch, `<samples seen> <key> <key> ...`."""
+
+    def __init__(self, out: Path, rank: int):
+        self.path = out / "sample_keys" / f"rank{rank}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, samples: int, keys: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write(" ".join([str(samples), *keys]) + "\n")
 
 
 class _Clock:
