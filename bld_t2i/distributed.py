@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +80,13 @@ def _slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def init(device: torch.device | None = None, timeout_minutes: int = 30) -> DistInfo:
-    """Initialise the default process group when the job has more than one process."""
+def init(device: torch.device | None = None, timeout_s: float = 1800) -> DistInfo:
+    """Initialise the default process group when the job has more than one process.
+
+    `timeout_s` bounds every collective (train.collective_timeout_s): a rank whose peer died
+    mid-collective fails after it instead of waiting for good. Under a launcher a watchdog
+    ends this rank when the launcher dies (`watch_launcher`).
+    """
     _slurm_rendezvous()
     info = dist_info()
     if info.world_size > 1 and not dist.is_initialized():
@@ -87,10 +95,36 @@ def init(device: torch.device | None = None, timeout_minutes: int = 30) -> DistI
             torch.cuda.set_device(device)
         dist.init_process_group(
             backend="nccl" if use_nccl else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if use_nccl else None,
         )
+    if "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_ID" in os.environ:
+        watch_launcher()
     return dist_info()
+
+
+LAUNCHER_POLL_S = 1.0  # a rank outlives its launcher by at most about this long
+
+
+def watch_launcher(poll_s: float = LAUNCHER_POLL_S) -> None:
+    """End this process soon after its launcher (torchrun's agent, srun's step daemon) dies.
+
+    torchrun starts each rank in a session of its own, so a SIGKILL to torchrun reaches no
+    rank: without this, ranks train on beside a rerun or wait in a collective for good. A
+    daemon thread sees the parent change (the orphan is re-parented) even while the main
+    thread is blocked inside a collective, and exits with a message naming what was lost.
+    """
+    parent = os.getppid()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "?"))
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"[rank {rank}] the launcher (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bld-launcher-watchdog", daemon=True).start()
 
 
 def teardown() -> None:

@@ -31,6 +31,7 @@ from bld_t2i.data.plan import describe_resume
 from bld_t2i.tracking import StatsLogger
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
+from bld_t2i.training.lock import RunLock, RunLocked
 from bld_t2i.training.schedule import lr_at, step_generator
 
 EXPORT_DIR = "export"  # <out_dir>/export: the finished model, outside the rotating checkpoints
@@ -129,11 +130,12 @@ def _crossed(every: int, samples: int, per_step: int) -> bool:
 
 def fit(cfg: Config, task: Task) -> Path | None:
     """Train, checkpoint, resume; returns the export folder, or None when preempted."""
-    device = D.pick_device(cfg.train.device)
-    info = D.init(device)
+    out, tc = Path(cfg.run.out_dir), cfg.train
+    device = D.pick_device(tc.device)
+    info = D.init(device, tc.collective_timeout_s)
+    lock = _lock(out, info)
     D.install_stop_handlers()
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    out, tc = Path(cfg.run.out_dir), cfg.train
     micro = task.micro_batch(cfg)
     saved = Checkpointer(out, tc.keep_checkpoints).peek()
     accum = grad_accum_for(cfg, micro, info.world_size, saved)
@@ -151,6 +153,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
     audit = _KeyAudit(out, info.rank) if cfg.log.sample_keys else None
     loader = iter(parts.loader)
     sync = {"stop": False, "done": False}
+    stop = False
 
     def guard(bad: torch.Tensor) -> bool:  # the step's one collective: stop flag and NaN flag together
         sync["stop"], any_bad = D.agree(device, bad)
@@ -193,7 +196,21 @@ def fit(cfg: Config, task: Task) -> Path | None:
             D.print0(f"[{task.name}] preempted by signal {D.stop_signal() or 'on another rank'} at step "
                      f"{state['step']} ({state['samples']} samples); checkpoint saved")
             break
-    return _finish(task, parts, logger, state, stop, out)
+    return _finish(task, parts, logger, state, stop, out, lock)
+
+
+def _lock(out: Path, info) -> RunLock | None:
+    """Rank 0 takes the output folder's lock; every rank stops with the holder's name if it is live."""
+    lock, error = (RunLock(out), None) if info.is_main else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            error = str(e)
+    error = D.broadcast_object(error)
+    if error:
+        raise SystemExit(f"refusing to train: {error}")
+    return lock
 
 
 class _KeyAudit:
@@ -259,7 +276,7 @@ def _save(parts: Parts, cfg: Config, state: dict) -> Path:
     return parts.checkpointer.save(state["step"], client, lambda tmp: parts.export(ema_state, tmp / sub))
 
 
-def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path) -> Path | None:
+def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path, lock: RunLock | None) -> Path | None:
     export = out / EXPORT_DIR
     if not stop and D.dist_info().is_main:
         latest = parts.checkpointer.latest()
@@ -273,5 +290,7 @@ def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path
     if logger:
         logger.close()
     D.barrier()
+    if lock is not None:
+        lock.release()
     D.teardown()
     return None if stop else export
