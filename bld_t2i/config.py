@@ -184,6 +184,9 @@ class TrainConfig:
     # Optimizer steps between the stop-flag collectives when no NaN-guard collective carries
     # it; SLURM's --signal lead time must cover this many steps.
     stop_check_every_steps: int = 1
+    # torch.compile the denoiser's forward (in place: parameter names, checkpoints and exports
+    # stay as without it). The first steps pay the compilation.
+    compile: bool = False
     # Bound on every collective: a rank whose peer died mid-collective fails after this long.
     collective_timeout_s: float = 1800.0
 

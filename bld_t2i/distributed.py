@@ -177,15 +177,46 @@ def stop_signal() -> int | None:
 
 
 def agree(device: torch.device | str = "cpu", bad: torch.Tensor | None = None) -> tuple[bool, bool]:
-    """(any rank got a stop signal, any rank's `bad` flag is set): the one small collective
-    and host read of an optimizer step (call it on all ranks). `bad` (a 0-d tensor on the
-    device, e.g. a non-finite loss) stays on the device until this reduction."""
+    """(any rank got a stop signal, any rank's `bad` flag is set), now: one small collective
+    and a host read (call it on all ranks). For a guard that must decide before the optimizer
+    steps; otherwise use `StopFlag`, which never waits."""
     flags = torch.zeros(2, device=device)
     flags[0] = float(_stop_signal is not None)
     if bad is not None:
         flags[1] = bad.float()
     stop, any_bad = all_reduce_sum(flags).tolist()
     return stop > 0, any_bad > 0
+
+
+class StopFlag:
+    """The stop request agreed by all ranks one check late, without a host sync.
+
+    `poll()` starts this check's all-reduce and copies its result to the host asynchronously,
+    then returns the previous check's result, which has long arrived: every rank stops at the
+    same step and the device never waits for the host.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def poll(self) -> bool:
+        flag = torch.tensor([float(_stop_signal is not None)], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag)
+        cuda = self.device.type == "cuda"
+        host = torch.empty(1, pin_memory=cuda)
+        host.copy_(flag, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        previous, self.pending = self.pending, (host, event)
+        if previous is None:
+            return False
+        host, event = previous
+        if event is not None:
+            event.synchronize()  # recorded a step ago: already complete
+        return bool(host[0] > 0)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -6,9 +6,10 @@ Progress is counted in samples seen. One optimizer step is `grad_accum` micro-st
 a step crosses a multiple of their `*_every_samples`. Rerunning the same command resumes
 from the newest checkpoint, also on another number of ranks: the global batch is kept by
 changing `grad_accum`, and the data loader deals the epoch's remaining samples to the new
-ranks. Per optimizer step the loop issues at most one small collective of its own (the
-stop flag, with the NaN guard's flag where the task has one); loss statistics stay on the
-device and are reduced once per log line.
+ranks. Per optimizer step the loop issues at most one small collective of its own: the
+stop flag (`D.StopFlag`, read one check late so it never stalls the device), or the NaN
+guard's, which carries the stop flag too, where the task decides itself whether to step;
+loss statistics stay on the device and are reduced once per log line.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
     audit = _KeyAudit(out, info.rank) if cfg.log.sample_keys else None
     loader = iter(parts.loader)
     sync = {"stop": False, "done": False}
+    stop_flag = D.StopFlag(device)
     stop = False
 
     def guard(bad: torch.Tensor) -> bool:  # the step's one collective: stop flag and NaN flag together
@@ -181,7 +183,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
         state["step"] += 1
         state["samples"] += per_step
         if not sync["done"] and state["step"] % tc.stop_check_every_steps == 0:
-            sync["stop"], _ = D.agree(device)
+            sync["stop"] = stop_flag.poll()
         stop = sync["stop"]
         done = state["samples"] >= tc.total_samples or bool(tc.max_steps and state["step"] >= tc.max_steps)
         if _crossed(tc.log_every_samples, state["samples"], per_step) or done:

@@ -103,6 +103,8 @@ class T2ITask:
         D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
                  f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), latents {latent_shape}, "
                  f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
+        if cfg.train.compile:
+            model.compile()
         optimizer = optimizer_for(model, cfg)
         elastic = resume_world is not None and resume_world != info.world_size
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
