@@ -325,8 +325,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the recipe YAML, then `section.key=value` overrides."""
+def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                values: dict | None = None) -> Config:
+    """Defaults, then the recipe YAML, then `values` (a nested dict, from an entry point's
+    flags), then `section.key=value` overrides."""
     cfg = Config()
     if recipe:
         path = Path(recipe)
@@ -342,6 +344,7 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str
             _apply(cfg, data, "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    _apply(cfg, values or {}, "")
     for text in overrides:
         keys, value = _parse_override(text)
         nested: Any = value
@@ -361,34 +364,96 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def to_sections(cfg: Config, sections: typing.Sequence[str] = ()) -> dict:
+    """The tree as a dict, only `sections` of it when given (what one entry point uses)."""
+    tree = to_dict(cfg)
+    return {k: tree[k] for k in sections} if sections else tree
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
+def dump_yaml(cfg: Config, sections: typing.Sequence[str] = ()) -> str:
+    return yaml.safe_dump(to_sections(cfg, sections), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path, sections: typing.Sequence[str] = ()) -> None:
+    """The resolved config (only `sections` of it when given) as JSON, beside an output."""
+    from bld_t2i.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_sections(cfg, sections), indent=2))
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def recipe_argparser(description: str) -> argparse.ArgumentParser:
-    """The shared front of every recipe-driven entry point."""
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag of an entry point, kept for its users: `--model X` sets `sample.model`.
+    Its type, choices and default come from the config field it sets."""
+
+    flag: str
+    key: str  # section.field
+    help: str = ""
+
+
+def _field_type(key: str) -> Any:
+    section, name = key.split(".")
+    return typing.get_type_hints(type(getattr(Config(), section)))[name]
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: Flag) -> None:
+    tp = _field_type(f.key)
+    origin = typing.get_origin(tp)
+    kwargs: dict[str, Any] = {"dest": f.key, "default": argparse.SUPPRESS, "help": f"{f.help} ({f.key})".strip()}
+    if tp is bool:
+        kwargs["action"] = "store_true"
+    elif origin is typing.Literal:
+        kwargs["choices"] = typing.get_args(tp)
+        kwargs["type"] = type(typing.get_args(tp)[0])
+    elif origin in (list, tuple):  # comma-separated on the command line: --guidance 0,2.5,10
+        item = typing.get_args(tp)[0]
+        kwargs["type"] = lambda text, item=item: [item(x) for x in text.split(",") if x != ""]
+    elif tp in (int, float, str):
+        kwargs["type"] = tp
+    parser.add_argument(f.flag, **kwargs)
+
+
+def entry_config(description: str, sections: typing.Sequence[str], flags: typing.Sequence[Flag] = (),
+                 argv: Optional[typing.Sequence[str]] = None, required: typing.Sequence[str] = (),
+                 recipe_required: bool = False) -> Config | None:
+    """The front of every entry point: `[--recipe R] [--dry-run] [flags] [section.key=value ...]`.
+
+    Defaults live in the dataclasses above; the recipe, then the flags, then the overrides
+    change them. `required` keys must end up non-empty (the error names the flag and the key).
+    `--dry-run` prints the `sections` this entry point uses and returns None.
+    """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--recipe", required=True, help="recipe YAML in recipes/")
+    parser.add_argument("--recipe", required=recipe_required, default="", help="recipe YAML in recipes/")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    for f in flags:
+        _add_flag(parser, f)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser
-
-
-def config_from_cli(description: str, argv: Optional[typing.Sequence[str]] = None) -> Config | None:
-    """Parse `--recipe R [--dry-run] [k=v ...]`; returns None after a dry run."""
-    args = recipe_argparser(description).parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    values: dict = {}
+    for f in flags:
+        if f.key in args:
+            section, name = f.key.split(".")
+            values.setdefault(section, {})[name] = args[f.key]
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = load_config(args["recipe"], args["overrides"], values)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
+    by_key = {f.key: f.flag for f in flags}
+    for key in required:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) in ("", None, []):
+            via = f"{by_key[key]} or " if key in by_key else ""
+            sys.exit(f"config error: {key} is empty; give it with {via}{key}=...")
+    if args["dry_run"]:
+        print(dump_yaml(cfg, sections), end="")
         return None
     return cfg
+
+
+def config_from_cli(description: str, argv: Optional[typing.Sequence[str]] = None,
+                    sections: typing.Sequence[str] = ()) -> Config | None:
+    """The trainers' front: `--recipe R [--dry-run] [k=v ...]`; returns None after a dry run."""
+    return entry_config(description, sections, argv=argv, recipe_required=True)

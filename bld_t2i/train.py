@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bld_t2i.config import Config, config_from_cli
 from bld_t2i.training.loop import fit
-from bld_t2i.training.t2i import T2ITask
+from bld_t2i.training.t2i import SECTIONS, T2ITask
 
 
 def train(cfg: Config) -> Path | None:
@@ -23,7 +23,7 @@ def train(cfg: Config) -> Path | None:
 
 
 def main(argv=None) -> None:
-    cfg = config_from_cli("Train a text-conditioned Bernoulli diffusion model under DeepSpeed ZeRO.", argv)
+    cfg = config_from_cli("Train a text-conditioned Bernoulli diffusion model under DeepSpeed ZeRO.", argv, SECTIONS)
     if cfg is not None:
         train(cfg)
 

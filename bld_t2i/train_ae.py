@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bld_t2i.config import Config, config_from_cli
-from bld_t2i.training.autoencoder import AutoencoderTask
+from bld_t2i.training.autoencoder import SECTIONS, AutoencoderTask
 from bld_t2i.training.loop import fit
 
 
@@ -21,7 +21,7 @@ def train(cfg: Config) -> Path | None:
 
 
 def main(argv=None) -> None:
-    cfg = config_from_cli("Train the binary autoencoder (docs/math.md, the autoencoder).", argv)
+    cfg = config_from_cli("Train the binary autoencoder (docs/math.md, the autoencoder).", argv, SECTIONS)
     if cfg is not None:
         train(cfg)
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from t2i_fixtures import free_port
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +18,7 @@ def moto_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import _free_port
+from t2i_fixtures import free_port
 
 from bld_t2i.config import DataConfig
 from bld_t2i.data.images import image_loader
@@ -33,7 +33,7 @@ class RestartableS3:
             protocol_version = "HTTP/1.0"
 
         self.handler = OneRequestPerConnection
-        self.endpoint = f"http://127.0.0.1:{_free_port()}"
+        self.endpoint = f"http://127.0.0.1:{free_port()}"
         self._server = None
 
     def start(self) -> None:

@@ -30,6 +30,7 @@ from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
 from bld_t2i.training.loop import Parts
 
+SECTIONS = ("run", "data", "autoencoder", "ae_loss", "optim", "train", "log")
 EXPORT_SUBDIR = "autoencoder"  # inside each checkpoint folder: the EMA autoencoder's export
 
 
@@ -64,6 +65,7 @@ class AutoencoderTask:
     """build() and train_step() of the binary autoencoder and its patch discriminator."""
 
     name = "train_ae"
+    sections = SECTIONS
 
     def micro_batch(self, cfg: Config) -> int:
         return cfg.data.batch_size

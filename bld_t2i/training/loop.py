@@ -57,6 +57,7 @@ class Parts:
 
 class Task(Protocol):
     name: str  # the log prefix, e.g. "train"
+    sections: tuple[str, ...]  # the config sections it uses: what its saved config.json holds
 
     def micro_batch(self, cfg: Config) -> int: ...
 
@@ -148,7 +149,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
     logger = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.json")
+        save_config(cfg, out / "config.json", task.sections)
         logger = StatsLogger(out, cfg, cfg.log, state["run_id"], resume_samples=state["samples"])
     stats, clock = _Stats(device), _Clock(state["samples"])
     audit = _KeyAudit(out, info.rank) if cfg.log.sample_keys else None

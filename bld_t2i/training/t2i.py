@@ -26,10 +26,11 @@ from bld_t2i.models.text_encoders import build_text_encoder, condition_from_embe
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
 from bld_t2i.training.loop import Parts
+from bld_t2i.utils import DTYPES
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 TIME_BUCKETS = 4  # the loss is also logged per quarter of t/T
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SECTIONS = ("run", "latents", "autoencoder", "diffusion", "denoiser", "text_encoder", "optim", "train", "log")
 
 
 def expected_latents(cfg: Config) -> tuple[str, tuple[int, int, int]]:
@@ -84,6 +85,7 @@ class T2ITask:
     """build() and train_step() of the denoiser (text, class or unconditional)."""
 
     name = "train"
+    sections = SECTIONS
 
     def micro_batch(self, cfg: Config) -> int:
         return cfg.latents.batch_size
@@ -176,7 +178,7 @@ class T2ITask:
         """`model.safetensors` (EMA) + `config.json`: loadable on one process without DeepSpeed."""
         folder.mkdir(parents=True, exist_ok=True)
         files.atomic_save_safetensors(ema_state, folder / "model.safetensors")
-        save_config(self.cfg, folder / "config.json")
+        save_config(self.cfg, folder / "config.json", SECTIONS)
 
     def draw_grid(self, folder: Path, logger, record: dict) -> None:
         """Samples for the recipe's fixed prompts from a checkpoint's EMA export (rank 0)."""
