@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from bld_t2i.config import AutoencoderConfig, DataConfig, LatentsConfig
+from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, VERSION, latent_loader, pack_bits
-from bld_t2i.data.shards import TarShardWriter, join, write_bytes_atomic
+from bld_t2i.data.shards import TarShardWriter, join
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 from common import device_suffix, machine_stamp, write_result
 
@@ -48,7 +49,7 @@ def write_latents(folder: str, shards: int, per_shard: int) -> str:
                          "txt": f"a picture of thing number {i}".encode(), "json": json.dumps({"label": i % 10}).encode()})
     manifest = {"format": FORMAT, "version": VERSION, "latent_shape": list(LATENT_SHAPE), "bit_order": BIT_ORDER,
                 "autoencoder_fingerprint": "bench", "shards": []}
-    write_bytes_atomic(join(folder, "manifest.json"), json.dumps(manifest).encode())
+    atomic_write_bytes(join(folder, "manifest.json"), json.dumps(manifest).encode())
     return join(folder, f"latents-{{000000..{shards - 1:06d}}}.tar")
 
 

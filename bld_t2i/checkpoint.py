@@ -17,19 +17,23 @@ from typing import Callable
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from bld_t2i.data.shards import _local_tmp
+from bld_t2i.data.shards import publish as publish_file
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """The one atomic file write, local or object storage: a reader sees the old file or the
+    new one, never half. Local: a synced temp file beside it, renamed; s3:// and other
+    fsspec URLs: one PUT of a finished local temp file (`data.shards.publish`)."""
+    tmp = _local_tmp(str(path))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+    publish_file(tmp, str(path))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
@@ -226,6 +227,53 @@ class LogConfig(_Section):
 
 
 @dataclass
+class ShardsConfig(_Section):
+    """data_tools/make_shards.py: image-caption WebDataset shards from a source."""
+
+    _name = "shards"
+    source: Literal["folder", "csv", "emoji", "fashion-mnist"] = "emoji"
+    input: str = ""  # folder (folder) or CSV/TSV/parquet file (csv)
+    image_col: str = "image"  # csv: column with image paths (relative to the file)
+    caption_col: str = "caption"  # csv: column with captions
+    out: str = ""  # local folder or s3:// URL
+    prefix: str = "shard"
+    shard_size: int = 1000  # samples per shard
+    size: int = 0  # square output size; 0 keeps the source's images
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    format: Literal["png", "jpg"] = "png"  # encoding of resized images
+    min_size: int = 8  # smaller source images are skipped as tiny
+    limit: int = 0  # stop after this many samples (0: all)
+    skip_caption: str = ""  # a regular expression: samples whose caption matches are skipped and counted
+    contact_sheet: str = ""  # save a grid of the first 256 images to this PNG
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            re.compile(self.skip_caption)
+        except re.error as e:
+            raise ConfigError(f"'shards.skip_caption': not a regular expression ({e}): {self.skip_caption!r}") from None
+
+
+@dataclass
+class EncodeConfig(_Section):
+    """data_tools/encode_latents.py: image shards -> bit-packed latent shards (and text embeddings
+    by the `text_encoder` section, when its kind is not none)."""
+
+    _name = "encode"
+    shards: str = ""  # image shard URLs, brace/glob-expanded, '::'-separated, local or s3://
+    autoencoder: str = ""  # exported autoencoder folder (save_pretrained)
+    out: str = ""  # latent data set folder, local or s3://
+    batch_size: int = 64
+    resolution: int = 0  # image size fed to the encoder; 0: the autoencoder's
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    min_size: int = 8  # smaller source images are skipped as tiny
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the encoder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    array_index: int = -1  # this SLURM array task; -1: SLURM_ARRAY_TASK_ID (or 0)
+    array_count: int = 0  # array tasks in all; 0: SLURM_ARRAY_TASK_COUNT (or 1)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,6 +286,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -315,6 +365,8 @@ def _apply(obj: Any, updates: dict, where: str) -> None:
             _apply(current, value, path)
         else:
             setattr(obj, key, _coerce(value, hints[key], f"'{path}'"))
+    if isinstance(obj, _Section) and updates:
+        obj.__post_init__()  # checks that span fields, or that a field's type cannot say
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -416,6 +468,11 @@ def _add_flag(parser: argparse.ArgumentParser, f: Flag) -> None:
     parser.add_argument(f.flag, **kwargs)
 
 
+def _exit(message: str) -> typing.NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def entry_config(description: str, sections: typing.Sequence[str], flags: typing.Sequence[Flag] = (),
                  argv: Optional[typing.Sequence[str]] = None, required: typing.Sequence[str] = (),
                  recipe_required: bool = False) -> Config | None:
@@ -437,16 +494,20 @@ def entry_config(description: str, sections: typing.Sequence[str], flags: typing
         if f.key in args:
             section, name = f.key.split(".")
             values.setdefault(section, {})[name] = args[f.key]
+    by_key = {f.key: f.flag for f in flags}
     try:
         cfg = load_config(args["recipe"], args["overrides"], values)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    by_key = {f.key: f.flag for f in flags}
+        message = str(e)
+        for key, flag in by_key.items():  # name the flag the user typed, and the key it sets
+            if f"'{key}'" in message and key in args:
+                message = message.replace(f"'{key}'", flag) + f" (config key {key})"
+        _exit(f"config error: {message}")
     for key in required:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) in ("", None, []):
             via = f"{by_key[key]} or " if key in by_key else ""
-            sys.exit(f"config error: {key} is empty; give it with {via}{key}=...")
+            _exit(f"config error: {key} is empty; give it with {via}{key}=...")
     if args["dry_run"]:
         print(dump_yaml(cfg, sections), end="")
         return None

@@ -12,7 +12,8 @@ from bld_t2i.config import DataConfig, LatentsConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST, VERSION, latent_loader, pack_bits
 from bld_t2i.data.plan import describe_resume, epoch_shards
-from bld_t2i.data.shards import TarShardWriter, join, write_bytes_atomic
+from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.data.shards import TarShardWriter, join
 
 SHAPE = (2, 2, 8)
 FINGERPRINT = "f" * 64
@@ -29,7 +30,7 @@ def write_latent_shards(folder: str, num_shards: int, per_shard: int) -> str:
                          "json": json.dumps({"label": i % 3}).encode()})
     manifest = {"format": FORMAT, "version": VERSION, "autoencoder_fingerprint": FINGERPRINT,
                 "latent_shape": list(SHAPE), "bit_order": BIT_ORDER}
-    write_bytes_atomic(join(folder, MANIFEST), json.dumps(manifest).encode())
+    atomic_write_bytes(join(folder, MANIFEST), json.dumps(manifest).encode())
     return join(folder, f"latents-{{000000..{num_shards - 1:06d}}}.tar")
 
 

@@ -15,7 +15,8 @@ from t2i_fixtures import free_port
 from bld_t2i.config import DataConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.plan import epoch_shards
-from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples, write_bytes_atomic
+from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
 
 KEYS = [f"s{s}-{i:04d}" for s in range(6) for i in range(10)]
 
@@ -145,7 +146,7 @@ def test_tar_gz_shards_and_glob_specs_read_and_resume_through_s3(s3, tmp_path, w
     local = expand_urls(write_image_shards(str(tmp_path), num_shards=3, per_shard=10, size=8))
     for url, name in zip(local, ["img-000000.tar.gz", "img-000001.tgz", "img-000002.tar"]):
         data = open(url, "rb").read()
-        write_bytes_atomic(f"{bucket}/gz/{name}", data if name.endswith(".tar") else gzip.compress(data))
+        atomic_write_bytes(f"{bucket}/gz/{name}", data if name.endswith(".tar") else gzip.compress(data))
     spec = f"{bucket}/gz/*.t*gz::{bucket}/gz/img-00000[2].tar"
     assert expand_urls(spec) == [f"{bucket}/gz/img-000000.tar.gz", f"{bucket}/gz/img-000001.tgz",
                                  f"{bucket}/gz/img-000002.tar"]

@@ -20,15 +20,16 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.images import ImageDecoder, images_to_tensor
 from bld_t2i.data.latents import (BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits,
                                   read_manifest)
 from bld_t2i.data.shards import (ShardError, TarShardWriter, exists, expand_urls, iter_samples, join, open_shard,
-                                 read_bytes, remove_stale_temps, write_bytes_atomic)
+                                 read_bytes, remove_stale_temps)
 from bld_t2i.data.stream import SkipSample
+from bld_t2i.utils import DTYPES
 
 log = logging.getLogger("bld_t2i.data")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def shard_name(i: int) -> str:
@@ -117,7 +118,7 @@ def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, 
     if exists(join(out, MANIFEST)):
         _check_same(read_manifest(out), header, join(out, MANIFEST))
     if encoder.text_encoder is not None and rank == 0 and not exists(join(out, NULL_EMBEDDING)):
-        write_bytes_atomic(join(out, NULL_EMBEDDING), npy_bytes(encoder.embeddings([""])[0]))
+        atomic_write_bytes(join(out, NULL_EMBEDDING), npy_bytes(encoder.embeddings([""])[0]))
     for i in range(rank, len(urls), world_size):
         if exists(part_url(out, i)):
             _check_same(json.loads(read_bytes(part_url(out, i))), header, part_url(out, i))
@@ -127,7 +128,7 @@ def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, 
         entry = encode_shard(urls[i], join(out, shard_name(i)), encoder, decoder, batch_size)
         entry = {"name": shard_name(i), "source_shard": urls[i], **entry,
                  "autoencoder_fingerprint": header["autoencoder_fingerprint"]}
-        write_bytes_atomic(part_url(out, i), json.dumps(entry).encode())
+        atomic_write_bytes(part_url(out, i), json.dumps(entry).encode())
         log.info("%s: %d samples, skipped %s", shard_name(i), entry["count"], entry["skipped"])
     return merge_manifest(out, len(urls), header)
 
@@ -149,5 +150,5 @@ def merge_manifest(out: str, num_shards: int, header: dict) -> bool:
     shards = [{k: e[k] for k in ("name", "source_shard", "count", "skipped")} for e in entries]
     manifest = {**header, "total": sum(e["count"] for e in entries), "skipped": dict(skipped), "shards": shards,
                 "null_embedding": NULL_EMBEDDING if header["text_encoder"] else None}
-    write_bytes_atomic(join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
     return True

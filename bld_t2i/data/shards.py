@@ -291,13 +291,6 @@ def publish(tmp: str, url: str) -> None:
         os.remove(tmp)
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    tmp = _local_tmp(url)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    publish(tmp, url)
-
-
 def read_bytes(url: str) -> bytes:
     with fsspec.open(url, "rb") as f:
         return f.read()
