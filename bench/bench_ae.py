@@ -6,7 +6,7 @@
 (a) Throughput (the default, a minute or two): one training step of each preset at its
     resolution (forward with sampled bits, L1, backward, AdamW), in this process, after one
     warm-up step; no GAN or LPIPS. Writes bench/results/ae_throughput_<cpu|gpu>.md.
-(b) Real data (`--train`, about 20 minutes on 2 CPU cores): `python -m bld_t2i.train_ae --recipe
+(b) Real data (`--train`, about 20 minutes on 2 CPU cores): `python -m bld_t2i.cli.train_ae --recipe
     RECIPE` as one process using every core (the default; on 2 idle cores it beats two
     single-threaded DDP ranks, 24 against 21.6 images/s), or under torchrun as `--nproc` CPU
     ranks of one thread each, from an empty output folder, timed from start to export; the held-out metrics are the trainer's own final evaluation
@@ -28,7 +28,7 @@ import torch
 
 from bld_t2i.config import AutoencoderConfig, load_config
 from bld_t2i.models.binary_ae import AE_PRESETS, BinaryAutoencoder
-from bld_t2i.train_ae import EXPORT_DIR
+from bld_t2i.cli.train_ae import EXPORT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_suffix, machine_stamp, write_result  # noqa: E402
@@ -72,7 +72,7 @@ def train_recipe(recipe: str, out: Path, nproc: int) -> dict:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t = time.perf_counter()
-    proc = subprocess.run([*launcher, "-m", "bld_t2i.train_ae", "--recipe", recipe, f"run.out_dir={out}"],
+    proc = subprocess.run([*launcher, "-m", "bld_t2i.cli.train_ae", "--recipe", recipe, f"run.out_dir={out}"],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def main() -> None:
     if args.train:
         result = train_recipe(args.recipe, ROOT / args.out, args.nproc)
         ranks = "one process using every core" if args.nproc == 1 else f"{args.nproc} ranks of one thread each"
-        notes = (f"`python -m bld_t2i.train_ae --recipe {args.recipe}` as {ranks}, "
+        notes = (f"`python -m bld_t2i.cli.train_ae --recipe {args.recipe}` as {ranks}, "
                  "from scratch; wall time from launch to export. Metrics on the held-out shards with deterministic "
                  "codes (p > 0.5); dead bits: share of the C bit channels whose mean code is below 1% or above 99%; "
                  "bit entropy: mean binary entropy of each of the h*w*C bits over the held-out images.")

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
            "--skip-caption", "skin tone", "--out", str(shards), "--contact-sheet", str(out / "emoji_contact_sheet.png")])
     stage(2, total, "A small binary autoencoder on the emoji (32px -> 8x8 grid of 32 bits), one CPU process", ae,
           out / ".done" / "ae",
-          [PY, "-m", "bld_t2i.train_ae", "--recipe", "recipes/ae/emoji32_demo.yaml", f"data.shards={shard_spec}",
+          [PY, "-m", "bld_t2i.cli.train_ae", "--recipe", "recipes/ae/emoji32_demo.yaml", f"data.shards={shard_spec}",
            f"run.out_dir={ae}"])
     stage(3, total, "Offline pre-encoding to bit-packed latent shards, with the captions' MiniLM embeddings",
           latents, out / ".done" / "latents",

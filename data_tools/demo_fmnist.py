@@ -81,7 +81,7 @@ def main(argv=None) -> None:
            "--contact-sheet", str(out / "fmnist_contact_sheet.png")])
     stage(2, total, "A small binary autoencoder (32px -> 8x8 grid of 16 bits), one CPU process, shared by both tasks",
           ae, out / ".done" / "ae",
-          [PY, "-m", "bld_t2i.train_ae", "--recipe", "recipes/ae/fmnist32.yaml", f"data.shards={train_spec}",
+          [PY, "-m", "bld_t2i.cli.train_ae", "--recipe", "recipes/ae/fmnist32.yaml", f"data.shards={train_spec}",
            f"run.out_dir={ae}"])
     stage(3, total, f"Offline pre-encoding of the first {TRAIN_SHARDS * SHARD_SIZE} training images to latent shards",
           latents, out / ".done" / "latents",

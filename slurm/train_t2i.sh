@@ -25,4 +25,4 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 source "$here/common.sh" || exit 1
 
 [[ $# -ge 1 ]] || { echo "usage: $0 RECIPE [section.key=value ...]" >&2; exit 2; }
-bld_run_distributed bld_t2i.train --recipe "$1" "${@:2}"
+bld_run_distributed bld_t2i.cli.train --recipe "$1" "${@:2}"

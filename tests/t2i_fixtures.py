@@ -66,7 +66,7 @@ def tiny_latents(tmp_path_factory, tiny_ae, tiny_image_shards) -> str:
 def train_command(nproc: int, out_dir: Path, latents: str, ae: Path, *overrides: str) -> list[str]:
     """torchrun over `nproc` CPU processes running the real trainer on the tiny recipe."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "-m", "bld_t2i.train", "--recipe", str(TINY_RECIPE),
+            f"--master_port={free_port()}", "-m", "bld_t2i.cli.train", "--recipe", str(TINY_RECIPE),
             f"run.out_dir={out_dir}", f"latents.shards={latents}", f"autoencoder.path={ae}", *overrides]
 
 

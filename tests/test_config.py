@@ -59,7 +59,7 @@ def test_wrong_type_names_key():
 def test_dry_run_prints_resolved_config():
     recipe = next(p for p in RECIPES if "ae" not in p.parts)
     out = subprocess.run(
-        [sys.executable, "-m", "bld_t2i.train", "--recipe", str(recipe), "--dry-run", "train.zero_stage=3"],
+        [sys.executable, "-m", "bld_t2i.cli.train", "--recipe", str(recipe), "--dry-run", "train.zero_stage=3"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout
     assert yaml.safe_load(out)["train"]["zero_stage"] == 3
@@ -68,7 +68,7 @@ def test_dry_run_prints_resolved_config():
 def test_cli_config_error_is_clean():
     recipe = next(p for p in RECIPES if "ae" not in p.parts)
     proc = subprocess.run(
-        [sys.executable, "-m", "bld_t2i.train", "--recipe", str(recipe), "train.zero_stag=3"],
+        [sys.executable, "-m", "bld_t2i.cli.train", "--recipe", str(recipe), "train.zero_stag=3"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode != 0 and "zero_stage" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,6 @@
 """The DeepSpeed trainer, for real: 2 CPU processes (gloo), fp32, tiny latents.
 
-Each test launches `python -m bld_t2i.train` under torchrun on latent shards made by the
+Each test launches `python -m bld_t2i.cli.train` under torchrun on latent shards made by the
 real tools (see t2i_fixtures.py).
 """
 

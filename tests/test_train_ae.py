@@ -19,7 +19,7 @@ import torch
 from bld_t2i.checkpoint import read_latest
 from bld_t2i.config import load_config
 from bld_t2i.models.binary_ae import BinaryAutoencoder
-from bld_t2i.train_ae import main, train
+from bld_t2i.cli.train_ae import main, train
 from bld_t2i.training.schedule import lr_at
 from t2i_fixtures import ROOT, free_port, run, train_env
 
@@ -74,7 +74,7 @@ def test_resume_continues_exactly(tmp_path, write_image_shards):
 def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "bld_t2i.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
+           f"--master_port={free_port()}", "-m", "bld_t2i.cli.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
            f"data.shards={tiny_image_shards}", f"data.eval_shards={tiny_image_shards}", "train.total_samples=100000",
            "train.sample_every_samples=16"]
     log = (tmp_path / "first.log").open("w")
@@ -135,7 +135,7 @@ def test_sigusr1_to_one_rank_checkpoints_both_and_the_rerun_resumes(tmp_path, ti
     without an export; the same command resumes from there and finishes."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "bld_t2i.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
+           f"--master_port={free_port()}", "-m", "bld_t2i.cli.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
            f"data.shards={tiny_image_shards}", "train.total_samples=100000", "train.ckpt_every_samples=1000000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stats = out / "stats.jsonl"

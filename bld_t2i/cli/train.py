@@ -1,7 +1,7 @@
 """Train a Bernoulli diffusion denoiser on pre-encoded latents under DeepSpeed ZeRO.
 
-    python -m bld_t2i.train --recipe recipes/<name>.yaml [section.key=value ...]
-    torchrun --nproc_per_node=N -m bld_t2i.train ...   |   srun ... (see slurm/train_t2i.sh)
+    python -m bld_t2i.cli.train --recipe recipes/<name>.yaml [section.key=value ...]
+    torchrun --nproc_per_node=N -m bld_t2i.cli.train ...   |   srun ... (see slurm/train_t2i.sh)
 
 Rerunning the same command resumes from the latest checkpoint in `run.out_dir`, on any
 number of ranks; SIGUSR1/SIGTERM (SLURM preemption) save a checkpoint and exit cleanly.

@@ -1,4 +1,4 @@
-"""Train the binary autoencoder: `python -m bld_t2i.train_ae --recipe recipes/ae/<name>.yaml [k=v ...]`.
+"""Train the binary autoencoder: `python -m bld_t2i.cli.train_ae --recipe recipes/ae/<name>.yaml [k=v ...]`.
 
 Data parallel over the ranks of torchrun or srun (torch DDP). Rerunning the same command
 resumes from the latest checkpoint in `run.out_dir/checkpoints`; SIGUSR1/SIGTERM save a
