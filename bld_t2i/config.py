@@ -134,8 +134,10 @@ class DiffusionConfig(_Section):
     _name = "diffusion"
 
     T: int = 64
-    schedule: str = "linear"  # linear (a_t = 1 - t/T) | cosine
-    loss: str = "balanced"  # balanced (authors') | bce
+    schedule: Literal["linear", "cosine"] = "linear"  # docs/math.md (2): a_t = 1 - t/T | cosine
+    # docs/math.md (7): balanced (default, each sample weighs the same) | authors ((w * bce).mean()
+    # over all bits, the authors' default) | bce
+    loss: Literal["balanced", "authors", "bce"] = "balanced"
     aux_weight: float = 0.0  # auxiliary posterior (variational) term
     sample_steps: int = 16
     temperature: float = 1.0

@@ -1,6 +1,6 @@
 """Multivariate Bernoulli diffusion: noising, posterior, model step and loss.
 
-Plain tensor functions (SPEC section 2). Latents are float tensors of 0/1 of any shape;
+Plain tensor functions, docs/math.md (1)-(7). Latents are float tensors of 0/1 of any shape;
 keep factors `a_*` broadcast against them (pass per-sample values shaped (B, 1, 1)).
 Every random draw takes an optional torch.Generator so results are reproducible.
 """
@@ -36,7 +36,7 @@ def q_step_sample(
 
 
 def posterior_one(z_t: torch.Tensor, z_0: torch.Tensor, a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    """q(z_s = 1 | z_t, z_0) for any s < t, by Bayes (SPEC section 2).
+    """q(z_s = 1 | z_t, z_0) for any s < t, by Bayes: docs/math.md (4).
 
     z_0 may be a 0/1 tensor or a probability (the result is then linear in it only
     through q(z_s | z_0); use `p_step_prob` for the model's mixture over z_0).
@@ -71,26 +71,25 @@ def flip_loss(
     kind: str = "balanced",
     per_sample: bool = False,
 ) -> torch.Tensor:
-    """BCE of the flip logits against the flip target z_0 xor z_t.
+    """BCE of the flip logits against the flip target z_0 xor z_t, docs/math.md (7).
 
-    kind="bce": mean over all bits. kind="balanced" (the authors' default): flipped bits
-    weigh 1 - r and kept bits r, r the sample's flip fraction, so both classes count
-    equally whatever t is. r is clamped to [1/(2N), 1 - 1/(2N)] so a sample with no flips
-    reduces to the plain mean instead of 0/0.
+    Flipped bits weigh w = 1 - r and kept bits r, r the sample's flip fraction (clamped to
+    [1/(2N), 1 - 1/(2N)] so a sample without flips keeps a finite weight):
+    kind="balanced": sum(w bce) / sum(w), each sample weighs the same;
+    kind="authors": mean(w bce) over the N bits, the authors' default, a sample weighs 2 r (1 - r);
+    kind="bce": the plain mean over all bits.
     """
     target = (z_0 != z_t).to(flip_logits.dtype)
     bce = F.binary_cross_entropy_with_logits(flip_logits, target, reduction="none")
     bce = bce.flatten(1)  # (B, N)
     if kind == "bce":
         loss = bce.mean(1)
-    elif kind == "balanced":
+    else:
         t = target.flatten(1)
         n = t.shape[1]
         r = t.mean(1, keepdim=True).clamp(0.5 / n, 1 - 0.5 / n)
         w = torch.where(t > 0.5, 1 - r, r)
-        loss = (w * bce).sum(1) / w.sum(1)
-    else:
-        raise ValueError(f"diffusion.loss must be 'balanced' or 'bce', got {kind!r}")
+        loss = (w * bce).sum(1) / w.sum(1) if kind == "balanced" else (w * bce).mean(1)
     return loss if per_sample else loss.mean()
 
 
@@ -109,7 +108,7 @@ def training_example(
     """Draw t ~ U{1..T} per sample and z_t ~ q(z_t | z_0).
 
     Returns (z_t, t (B,) long, t / T (B,) float): the model's time input is t / T,
-    never normalised by the number of sampling steps (SPEC section 6, defect 1).
+    never normalised by the number of sampling steps (docs/math.md (5)).
     """
     T = a.numel() - 1
     B = z_0.shape[0]
