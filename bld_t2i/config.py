@@ -221,8 +221,9 @@ class TrainConfig(_Section):
 class LogConfig(_Section):
     _name = "log"
     wandb: bool = False
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    wandb_project: str = "bld_t2i"
+    # "" (default): $WANDB_MODE, else offline (a cluster node often has no internet)
+    wandb_mode: Literal["", "offline", "online", "disabled"] = ""
+    wandb_project: str = ""  # "": $WANDB_PROJECT, else bld_t2i; the run folder is $WANDB_DIR, else run.out_dir
     # Append every batch's sample keys to <out_dir>/sample_keys/rank<r>.txt: an audit of what
     # each rank read, e.g. that a resume on another world size delivers each sample once.
     sample_keys: bool = False

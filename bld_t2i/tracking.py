@@ -11,6 +11,21 @@ from .checkpoint import atomic_write_text
 from .config import Config, LogConfig, to_dict
 
 
+def start_wandb(log_cfg: LogConfig, name: str, run_id: str, out_dir: str | Path, config: dict, group: str = ""):
+    """The one wandb start-up: the recipe's log section where set, else the environment's
+    WANDB_MODE / WANDB_PROJECT / WANDB_DIR, else offline, "bld_t2i" and the run folder.
+    Returns the run, or None when the mode is disabled."""
+    mode = log_cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=log_cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "bld_t2i", name=name,
+                      id=run_id, resume="allow", mode=mode, dir=os.environ.get("WANDB_DIR") or str(out_dir),
+                      config=config, group=group or None)
+
+
 class StatsLogger:
     """Appends JSON lines to `<out_dir>/stats.jsonl`; mirrors them to wandb when enabled.
 
@@ -23,20 +38,7 @@ class StatsLogger:
         self.path = Path(out_dir) / "stats.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._trim(resume_samples)
-        self.wandb = None
-        if log_cfg.wandb and log_cfg.wandb_mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
-                project=log_cfg.wandb_project,
-                name=cfg.run.name,
-                id=run_id,
-                resume="allow",
-                mode=log_cfg.wandb_mode,
-                dir=str(out_dir),
-                config=to_dict(cfg),
-            )
+        self.wandb = start_wandb(log_cfg, cfg.run.name, run_id, out_dir, to_dict(cfg)) if log_cfg.wandb else None
 
     def _trim(self, samples: int) -> None:
         if not self.path.exists():

@@ -122,3 +122,19 @@ def test_stats_of_a_crashed_run_past_its_checkpoint_are_dropped_on_resume(tmp_pa
     logger.log({"samples": 24, "loss": 0.25}, step=3)
     records = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [(r["samples"], r["loss"]) for r in records] == [(8, 0.5), (16, 0.5), (24, 0.25)]
+
+
+def test_wandb_follows_the_environment_where_the_recipe_is_silent(tmp_path, monkeypatch):
+    from bld_t2i.tracking import start_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert start_wandb(LogConfig(wandb=True), "r", "id1", tmp_path, {}) is None
+    logger = StatsLogger(tmp_path / "run", Config(), LogConfig(wandb=True), "id1")
+    logger.log({"samples": 1, "loss": 0.5}, step=1)
+    logger.close()
+    assert not list(tmp_path.rglob("wandb")) and (tmp_path / "run" / "stats.jsonl").is_file()
+    # the recipe's explicit mode wins over the environment
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    run = start_wandb(LogConfig(wandb=True, wandb_mode="offline"), "r", "id2", tmp_path / "out", {"a": 1})
+    run.finish()
+    assert list((tmp_path / "wandb_dir").rglob("offline-run-*")) and not (tmp_path / "out").exists()
