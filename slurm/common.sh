@@ -77,11 +77,24 @@ bld_run_distributed() {
   trap 'BLD_REQUEUE=1; bld_forward USR1' USR1
   trap 'bld_forward TERM' TERM
 
+  # One rank per task slot of the nodes this run actually got. SLURM fixes a job's task
+  # count (SLURM_NTASKS) at submission and keeps it across requeues, also when the pending
+  # job was shrunk (`scontrol update JobId=J NumNodes=1` after a node was drained): with
+  # --ntasks-per-node, launch at most nodes x tasks-per-node, so a checkpoint written on
+  # 2 nodes resumes on 1 (the trainer keeps the global batch by raising grad_accum). The
+  # minimum keeps an explicit smaller --ntasks (then --ntasks-per-node is only a maximum).
+  local ntasks=()
+  if [[ "${SLURM_NTASKS_PER_NODE:-}" =~ ^[0-9]+$ && -n "${SLURM_JOB_NUM_NODES:-}" ]]; then
+    local slots=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+    ((${SLURM_NTASKS:-$slots} < slots)) && slots=$SLURM_NTASKS
+    ntasks=(--ntasks="$slots" --ntasks-per-node="$SLURM_NTASKS_PER_NODE")
+  fi
+
   # srun (22.05) no longer takes --cpus-per-task from the allocation: pass it on.
   # Each task sets the torchrun-style variables from its own SLURM ones, then becomes python
   # (exec), so signals reach python itself.
   # shellcheck disable=SC2016  # expanded by each task's bash, not here
-  srun --kill-on-bad-exit=1 --label --output="$log" \
+  srun --kill-on-bad-exit=1 --label --output="$log" "${ntasks[@]}" \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec python -m "$@"' \
     bld-rank "$module" "$@" &

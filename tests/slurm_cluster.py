@@ -239,6 +239,30 @@ class SlurmCluster:
         if out.returncode != 0:
             raise RuntimeError(f"scancel {' '.join(args)} failed: {out.stderr.strip()}")
 
+    def scontrol(self, *args: str) -> str:
+        out = subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"scontrol {' '.join(args)} failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def node_state(self, node: str) -> str:
+        """sinfo's state of one node, e.g. `idle`, `alloc`, `drng` (draining), `drain`."""
+        out = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], env=self.env, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    @contextmanager
+    def drained(self, node: str):
+        """Drain `node` (running jobs finish, nothing new starts there), then return it to service.
+
+        The cluster is shared by a module's tests: the node must be idle again afterwards.
+        """
+        self.scontrol("update", f"NodeName={node}", "State=DRAIN", "Reason=bld_t2i test")
+        try:
+            yield
+        finally:
+            self.scontrol("update", f"NodeName={node}", "State=RESUME")
+            self._wait_for(lambda: self.node_state(node) in {"idle", "mix", "alloc"}, 30, f"{node} back in service")
+
     def daemon_logs(self) -> str:
         """The tail of every daemon log, for assertion messages."""
         parts = []

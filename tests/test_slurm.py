@@ -293,6 +293,57 @@ def test_train_t2i_preempted_requeues_and_resumes(cluster, tmp_path, tiny_latent
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
 
 
+def wait_requeued(cluster, job: str, folder: Path, timeout: float) -> dict[str, str]:
+    """The job's record once its batch shell has requeued it (pending, one restart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (record,) = cluster.jobs(job)
+        if record["JobState"] == "PENDING" and record["Restarts"] == "1":
+            return record
+        assert record["JobState"] not in {"COMPLETED", "FAILED", "CANCELLED"}, f"{record}\n{read_log(folder, '*')}"
+        assert time.monotonic() < deadline, f"job {job} not requeued in {timeout:.0f} s: {record}\n{read_log(folder, '*')}"
+        time.sleep(0.2)
+
+
+def test_train_t2i_preempted_on_two_nodes_resumes_on_one(cluster, tmp_path, tiny_latents, tiny_ae):
+    """A 2-node job loses a node: n2 is drained, USR1 preempts the job, which checkpoints and
+    requeues itself; the operator shrinks the pending job to 1 node (SLURM keeps a job's node
+    count across a requeue; a node range cannot help once --ntasks-per-node is set, since
+    sbatch then fixes the task count at min nodes x tasks per node). The second run is 1
+    rank: it loads the 2-rank ZeRO-2 checkpoint through DeepSpeed's universal form, keeps the
+    global batch with grad_accum 2, finishes on the recipe's last step and exports."""
+    job = submit_training(cluster, tmp_path, tiny_latents, tiny_ae)
+    first_log = tmp_path / "logs" / f"bld-t2i-{job}-restart0.log"
+    wait_for_text(first_log, "[train] step", timeout=240)
+    with cluster.drained("n2"):
+        assert cluster.node_state("n2") == "drng", cluster.node_state("n2")  # draining: the job still runs there
+        cluster.scancel("--signal=USR1", "--full", job)
+        wait_requeued(cluster, job, tmp_path, 120)
+        # All three, as SLURM 22.05 keeps each: NumNodes alone leaves 2 tasks at 1 per node,
+        # and without NumCPUs the job's 2 minimum CPUs make it "never runnable".
+        cluster.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "NumCPUs=1")
+        (record,) = wait_job(cluster, job, tmp_path, 180, states={"COMPLETED", "FAILED", "CANCELLED"})
+    logs = read_log(tmp_path, "*")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{logs}"
+    assert record["NodeList"] == "n1" and record["NumNodes"] == "1", record
+
+    first = first_log.read_text()
+    assert re.search(r"^0: .*world size 2", first, re.M) and re.search(r"^1: ", first, re.M), first
+    stopped = re.search(r"preempted by signal \d+ at step (\d+) \((\d+) samples\); checkpoint saved", first)
+    assert stopped and 0 < int(stopped[1]) < TRAIN_STEPS, first
+    second = read_log(tmp_path, f"bld-t2i-{job}-restart1.log")
+    assert not re.search(r"^1: ", second, re.M), f"the second run should have one rank:\n{second}"
+    assert "[train] world size changed: checkpoint written by 2 rank(s), resuming on 1" in second, second
+    assert re.search(r"^0: .*world size 1;.*grad_accum 2", second, re.M), second
+    assert re.search(rf"resumed from step {stopped[1]}: \S+ at {stopped[2]} samples", second), second
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file(), sorted((tmp_path / "run").iterdir())
+    latest = read_latest(tmp_path / "run" / "checkpoints")  # written by the 1-rank run: one ZeRO partition
+    assert (latest / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file(), sorted(latest.iterdir())
+    assert not (latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists(), sorted(latest.iterdir())
+    assert final_step(tmp_path / "run") == TRAIN_STEPS
+    assert json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])["samples"] == TRAIN_SAMPLES
+
+
 def test_train_t2i_without_slurm_falls_back_to_torchrun(tmp_path, tiny_latents, tiny_ae):
     """`bash slurm/train_t2i.sh RECIPE` on a machine without SLURM: torchrun, 2 CPU ranks."""
     env_file = write_env_file(tmp_path, "export OMP_NUM_THREADS=1\n")
