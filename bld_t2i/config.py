@@ -95,7 +95,7 @@ class LatentsConfig(_Section):
 
 @dataclass
 class AutoencoderConfig(_Section):
-    """Binary autoencoder architecture (SPEC section 1); a preset fills these."""
+    """Binary autoencoder architecture (docs/math.md (A1)); a preset fills these."""
     _name = "autoencoder"
 
     preset: str = "ae64-tiny"
@@ -107,7 +107,7 @@ class AutoencoderConfig(_Section):
 
 @dataclass
 class AELossConfig(_Section):
-    """Autoencoder losses (SPEC section 1) and the AE trainer's held-out evaluation."""
+    """Autoencoder losses (docs/math.md (A2), (A3)) and the AE trainer's held-out evaluation."""
     _name = "ae_loss"
 
     l1_weight: float = 1.0
@@ -130,7 +130,7 @@ class AELossConfig(_Section):
 
 @dataclass
 class DiffusionConfig(_Section):
-    """Multivariate Bernoulli diffusion (SPEC section 2)."""
+    """Multivariate Bernoulli diffusion (docs/math.md (1)-(11))."""
     _name = "diffusion"
 
     T: int = 64
@@ -146,10 +146,19 @@ class DiffusionConfig(_Section):
     # single-branch forward elsewhere. [0, 1]: every step.
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from bld_t2i.diffusion.sampler import check_guidance_interval  # the sampler's own check, at load time
+
+        try:
+            check_guidance_interval(self.guidance_interval)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+
 
 @dataclass
 class DenoiserConfig(_Section):
-    """The denoising transformer (SPEC section 3); `preset` names a row of DENOISER_PRESETS."""
+    """The denoising transformer (docs/math.md (D)); `preset` names a row of DENOISER_PRESETS."""
     _name = "denoiser"
 
     preset: str = "tiny"  # tiny | mini | small | base | authors (24x768, ~172M) | large | xl

@@ -1,7 +1,8 @@
 """Offline prompt-sheet evaluation of an exported model, with an HTML report.
 
     python -m bld_t2i.evaluate --model FOLDER --prompts SHEET --out DIR [--guidance 0,2.5,10]
-        [--temperature 1.0,0.9] [--steps 16,64] [--images-per-prompt N] [--seed S]
+        [--temperature 1.0,0.9] [--steps 16,64] [--guidance-interval 0:1,0.2:0.8] [--images-per-prompt N]
+        [--seed S] [--batch-size B]
         [--clip-model ViT-L-14 --clip-checkpoint FILE] [--inception FILE --reference SHARDS]
         [--neighbours LATENT_FOLDER] [--inpaint-image IMG --inpaint-mask MASK] [--wandb]
     torchrun --nproc_per_node=N -m bld_t2i.evaluate ...    (prompts split across ranks)
@@ -24,7 +25,8 @@ import sys
 import torch
 
 from bld_t2i import distributed as D
-from bld_t2i.eval.run import EvalOptions, InpaintError, evaluate, settings_grid
+from bld_t2i.eval.generate import EvalOptions, InpaintError, settings_grid
+from bld_t2i.eval.run import evaluate
 from bld_t2i.eval.sheets import SheetError, read_sheet
 from bld_t2i.pipeline import BLDPipeline
 
@@ -40,6 +42,14 @@ def _list(kind):
     return parse
 
 
+def _intervals(text: str) -> list[tuple[float, float]]:
+    """"0:1,0.2:0.8" -> [(0.0, 1.0), (0.2, 0.8)]: t/T intervals where guidance applies."""
+    try:
+        return [tuple(float(x) for x in part.split(":", 1)) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of lo:hi, got {text!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="exported model folder")
@@ -48,9 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=_list(int), default=None, help="comma list; default config.diffusion.sample_steps")
     p.add_argument("--guidance", type=_list(float), default=None, help="comma list of w; default config.diffusion.guidance")
     p.add_argument("--temperature", type=_list(float), default=None, help="comma list of tau; default config.diffusion.temperature")
+    p.add_argument("--guidance-interval", type=_intervals, default=None,
+                   help="comma list of lo:hi, guidance only for t/T in [lo, hi]; default config.diffusion.guidance_interval")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch; default 32 on CPU, 64 on GPU")
     p.add_argument("--clip-model", default="", help="OpenCLIP architecture (with --clip-checkpoint) or local-dir:FOLDER")
     p.add_argument("--clip-checkpoint", default="", help="local OpenCLIP checkpoint file")
     p.add_argument("--inception", default="", help="local torch-fidelity InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
@@ -74,6 +86,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.images_per_prompt < 1:
         sys.exit("--images-per-prompt must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        sys.exit("--batch-size must be >= 1")
     try:
         rows = read_sheet(args.prompts)
     except SheetError as e:
@@ -83,8 +97,12 @@ def main(argv=None) -> None:
     try:
         pipe = BLDPipeline.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
         d = pipe.cfg.diffusion
-        settings = settings_grid(args.steps or [d.sample_steps], args.guidance or [d.guidance],
-                                 args.temperature or [d.temperature])
+        try:
+            settings = settings_grid(args.steps or [d.sample_steps], args.guidance or [d.guidance],
+                                     args.temperature or [d.temperature],
+                                     args.guidance_interval or [tuple(d.guidance_interval)])
+        except ValueError as e:
+            sys.exit(f"--guidance-interval: {e}")
         opts = EvalOptions(settings=settings, images_per_prompt=args.images_per_prompt, seed=args.seed,
                            batch_size=args.batch_size, clip_model=args.clip_model, clip_checkpoint=args.clip_checkpoint,
                            inception=args.inception, reference=args.reference, reference_limit=args.reference_limit,
@@ -102,7 +120,7 @@ def main(argv=None) -> None:
         if report is not None:
             for s in report["settings"]:
                 D.print0(f"[evaluate] {s['setting']}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, float) and k not in ("guidance", "temperature")))
+                    f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, float) and k not in ("guidance", "temperature", "guidance_interval")))
             for k, v in report["skipped"].items():
                 D.print0(f"[evaluate] {k}: skipped ({v})")
             D.print0(f"[evaluate] report: {args.out}/index.html")

@@ -10,8 +10,12 @@ autoencoder folder and `config.text_encoder` says how to build the text encoder 
 prompts (also for models trained on pre-computed embeddings).
 
 Sampling is SPEC section 2: S evenly spaced steps of T, temperature tau and classifier-free
-guidance w on the flip logits; inpainting keeps the known bits outside a mask (clamp) or
-keeps them noised to the current time (renoise).
+guidance w on the flip logits (only for t/T in the guidance interval); inpainting keeps the
+known bits outside a mask (clamp) or keeps them noised to the current time (renoise).
+Images are drawn in batches, image i from its own generator, so it is the image its seed
+gives alone; the condition's attention keys and values are computed once per batch
+(`Denoiser.prepare_condition`). GPU: dtype bf16 (bf16 weights, autocast keeps norms and
+softmax in fp32), `compile=True` (torch.compile with CUDA graphs: a batch's shapes are static).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -32,7 +37,7 @@ from safetensors.torch import load_file
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.config import Config, from_dict
 from bld_t2i.data.images import fit, images_to_tensor, to_rgb
-from bld_t2i.diffusion import keep_factors, sample
+from bld_t2i.diffusion import check_guidance_interval, keep_factors, sample
 from bld_t2i.distributed import pick_device
 from bld_t2i.models.binary_ae import BinaryAutoencoder, check_state_dict
 from bld_t2i.models.conditioning import pad_tokens
@@ -43,6 +48,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INPAINT_MODES = ("clamp", "renoise")
 GRID_IMAGES = 8  # save_grid's image count for class and unconditional models
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per sampling batch: 32 on a CPU, 64 on a GPU (where batch 64 keeps it busy)."""
+    return 64 if device.type == "cuda" else 32
 
 
 class Samples(NamedTuple):
@@ -112,8 +122,7 @@ def mask_to_grid(mask: Image.Image | str | Path | torch.Tensor, size: int, grid:
 
 
 def _align(cond: dict, null: dict) -> tuple[dict, dict]:
-    """Give a text condition and its null the same keys and token length N, so the sampler
-    can stack them for one guidance forward (a learned null carries a "null" flag and one token)."""
+    """A text condition and its null with the same keys and N, stacked for one guided forward."""
     B = cond["tokens"].shape[0]
     if "null" in null and "null" not in cond:
         cond = {**cond, "null": torch.zeros(B, dtype=torch.bool, device=cond["tokens"].device)}
@@ -130,7 +139,9 @@ class BLDPipeline:
     """A denoiser, its autoencoder and text encoder, and the sampler's defaults from the config."""
 
     def __init__(self, cfg: Config, denoiser: Denoiser, autoencoder: BinaryAutoencoder, text_encoder,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, compile: bool = False):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.cfg = cfg
         self.denoiser = denoiser.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.autoencoder = autoencoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -140,10 +151,15 @@ class BLDPipeline:
         self.a = keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float()  # (T + 1,)
         self.conditioning = cfg.denoiser.conditioning
         self._empty_caption = None
+        check_guidance_interval(cfg.diffusion.guidance_interval)
+        # CUDA graphs (mode reduce-overhead) replay a batch's static shapes without launch cost.
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self._denoise = torch.compile(denoiser.denoise, mode=mode, dynamic=False) if compile else denoiser.denoise
+        self._graphs = compile and device.type == "cuda"
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.float32) -> "BLDPipeline":
+                        dtype: torch.dtype = torch.float32, compile: bool = False) -> "BLDPipeline":
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         for path in (config_path, weights_path):
@@ -175,7 +191,7 @@ class BLDPipeline:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
         check_state_dict(denoiser, state, weights_path)
         denoiser.load_state_dict(state, strict=True)
-        return cls(cfg, denoiser, autoencoder, text_encoder, device, dtype)
+        return cls(cfg, denoiser, autoencoder, text_encoder, device, dtype, compile)
 
     # ------------------------------------------------------------------ conditions
 
@@ -189,13 +205,10 @@ class BLDPipeline:
         if mode in TEXT_MODES:
             if prompts is None:
                 raise ValueError(f"this model is text-conditioned (denoiser.conditioning '{mode}'): pass prompts")
-            cond = self.text_encoder.encode(list(prompts))
-            if self.cfg.denoiser.null_cond == "learned":
-                null = self.denoiser.null_condition(len(prompts), self.device)
-            else:
-                if self._empty_caption is None:
-                    self._empty_caption = self.text_encoder.encode([""])
-                null = self.denoiser.null_condition(len(prompts), self.device, self._empty_caption)
+            cond = self._encode(prompts)
+            if self._empty_caption is None and self.cfg.denoiser.null_cond != "learned":
+                self._empty_caption = self.text_encoder.encode([""])
+            null = self.denoiser.null_condition(len(prompts), self.device, self._empty_caption)
             return _align(cond, null)
         if mode == "class":
             if class_labels is None:
@@ -208,10 +221,24 @@ class BLDPipeline:
             return {"label": label}, self.denoiser.null_condition(len(label), self.device)
         return None, None
 
-    def _model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None) -> torch.Tensor:
-        if cond is not None:
-            cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return self.denoiser(z_t.to(self.dtype), t_in.to(self.dtype), cond).float()
+    def _encode(self, prompts: Sequence[str]) -> dict:
+        """Each distinct prompt encoded alone, so an image's condition is the same in any batch
+        (captions are padded to max_length: every encoding has the same N)."""
+        unique = list(dict.fromkeys(prompts))
+        encoded = [self.text_encoder.encode([p]) for p in unique]
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        return {k: torch.cat([e[k] for e in encoded]).to(self.device)[index] for k in encoded[0]}
+
+    def _precision(self):
+        """bf16: autocast, matmuls in bf16 and norms and softmax in fp32; fp32: no context (free)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
+
+    def _model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, prepared: dict | None) -> torch.Tensor:
+        """The sampler's model: the denoiser on a condition `Denoiser.prepare_condition` made."""
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        with self._precision():
+            return self._denoise(z_t, t_in, prepared).float()
 
     def _batch_size(self, prompts, class_labels, n) -> int:
         given = [x for x in (prompts, class_labels) if x is not None]
@@ -243,61 +270,64 @@ class BLDPipeline:
     @torch.no_grad()
     def sample_latents(self, prompts: Sequence[str] | None = None, class_labels: Sequence[int] | None = None,
                        n: int | None = None, steps: int | None = None, temperature: float | None = None,
-                       guidance: float | None = None, seed: int | Sequence[int] = 0,
-                       generator: torch.Generator | None = None, batch_size: int = 16, init_image=None, mask=None,
+                       guidance: float | None = None, guidance_interval: Sequence[float] | None = None,
+                       seed: int | Sequence[int] = 0, batch_size: int | None = None, init_image=None, mask=None,
                        inpaint: str = "clamp") -> torch.Tensor:
         """Bits (B, h, w, C) bool on the CPU. Defaults come from `config.diffusion`.
 
-        seed: an int seeds one generator for the whole call (batched draws); a list gives
-          each image its own generator, so any image can be regenerated alone (drawn one by
-          one: the sampler takes one generator per call). `generator` overrides `seed`.
+        seed: image i is drawn from its own generator seeded with seed[i] (an int s: s + i), so
+          any image can be regenerated alone; batches of `batch_size` (default
+          `default_batch_size`) give the same images as one by one.
+        guidance_interval: [lo, hi], guidance only for t/T in it (`diffusion.sample`).
         init_image, mask: inpainting (white in the mask = regenerate), `inpaint` clamp | renoise.
         """
         d = self.cfg.diffusion
         steps = d.sample_steps if steps is None else steps
         temperature = d.temperature if temperature is None else temperature
         guidance = d.guidance if guidance is None else guidance
+        interval = check_guidance_interval(d.guidance_interval if guidance_interval is None else guidance_interval)
+        batch_size = default_batch_size(self.device) if batch_size is None else batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"inpaint must be one of {INPAINT_MODES}, got {inpaint!r}")
         if (init_image is None) != (mask is None):
             raise ValueError("inpainting needs both init_image and mask")
         B = self._batch_size(prompts, class_labels, n)
+        seeds = [int(seed) + i for i in range(B)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} images")
         known = keep = None
         if init_image is not None:
             known, keep = self.inpainting_inputs(init_image, mask)
-
-        per_image = not isinstance(seed, (int, np.integer)) and generator is None
-        if per_image:
-            if len(seed) != B:
-                raise ValueError(f"{len(seed)} seeds for {B} images")
-            chunks = [(i, i + 1, self._generator(s)) for i, s in enumerate(seed)]
-        else:
-            g = generator if generator is not None else self._generator(seed)
-            chunks = [(i, min(i + batch_size, B), g) for i in range(0, B, batch_size)]
         h, w, C = self.latent_shape
-        cond, null = self._conditions(prompts, class_labels)  # encoded once, sliced per chunk
+        cond, null = self._conditions(prompts, class_labels)  # encoded once, sliced per batch
+        guided = guidance != 0 and null is not None
         out = []
-        for lo, hi, g in chunks:
-            z = sample(self._model_fn, (hi - lo, h * w, C), self.a, steps, cond=_rows(cond, lo, hi),
-                       null_cond=_rows(null, lo, hi),
-                       temperature=temperature, guidance=guidance,
-                       known=None if known is None else known.expand(hi - lo, -1, -1), mask=keep,
-                       inpaint=inpaint, generator=g, device=self.device)
+        for lo in range(0, B, batch_size):
+            hi = min(lo + batch_size, B)
+            with self._precision():  # the condition's keys and values, once for every step
+                c = self.denoiser.prepare_condition(_rows(cond, lo, hi), hi - lo)
+                u = self.denoiser.prepare_condition(_rows(null, lo, hi), hi - lo) if guided else None
+            z = sample(self._model_fn, (hi - lo, h * w, C), self.a, steps, cond=c, null_cond=u,
+                       temperature=temperature, guidance=guidance, guidance_interval=interval,
+                       known=None if known is None else known.expand(hi - lo, -1, -1), mask=keep, inpaint=inpaint,
+                       generator=[torch.Generator(device=self.device).manual_seed(s) for s in seeds[lo:hi]],
+                       device=self.device)
             out.append(z.reshape(hi - lo, h, w, C).bool().cpu())
         return torch.cat(out)
 
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(int(seed))
-
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """Bits (B, h, w, C) -> images (B, 3, H, W) float32 in [-1, 1] on the CPU."""
-        out = [self.autoencoder.decode(latents[i : i + batch_size].to(self.device)).float().clamp(-1, 1).cpu()
-               for i in range(0, len(latents), batch_size)]
-        return torch.cat(out)
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Bits (B, h, w, C) -> images (B, 3, H, W) float32 in [-1, 1] on the CPU, decoded in
+        batches (default `default_batch_size`), in bf16 under a bf16 pipeline."""
+        batch_size = default_batch_size(self.device) if batch_size is None else batch_size
+        with self._precision():
+            return torch.cat([self.autoencoder.decode(latents[i : i + batch_size].to(self.device)).float().clamp(-1, 1)
+                              .cpu() for i in range(0, len(latents), batch_size)])
 
     def __call__(self, prompts: Sequence[str] | str | None = None, class_labels: Sequence[int] | None = None,
-                 n: int | None = None, batch_size: int = 16, **kwargs) -> Samples:
+                 n: int | None = None, batch_size: int | None = None, **kwargs) -> Samples:
         """Sample and decode: Samples(images (B, 3, H, W) in [-1, 1], latents (B, h, w, C) bool).
         Keyword arguments as `sample_latents`."""
         if isinstance(prompts, str):

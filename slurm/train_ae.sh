@@ -1,5 +1,5 @@
 #!/bin/bash
-# Train a binary autoencoder (SPEC section 1): one process per GPU on every node of the allocation.
+# Train a binary autoencoder (docs/math.md (A1)-(A3)): one process per GPU on every node of the allocation.
 #
 #   sbatch [--nodes=4 --partition=... --account=...] slurm/train_ae.sh recipes/ae/emoji64.yaml [section.key=value ...]
 #   bash slurm/train_ae.sh recipes/ae/emoji64.yaml ...    # no SLURM: torchrun on the local GPUs (or CPU processes)

@@ -141,11 +141,12 @@ def test_guidance_zero_is_exactly_conditional():
     z = torch.randint(0, 2, (2, 5, 4)).float()
     t = torch.full((2,), 0.5)
     c, n = torch.randn(2, 4), torch.zeros(2, 4)
-    assert torch.equal(guided_logits(model_fn, z, t, c, n, tau=1.0, w=0.0), model_fn(z, t, c))
+    both = torch.cat([c, n])  # the condition and its null stacked, as the sampler stacks them once
+    assert torch.equal(guided_logits(model_fn, z, t, c, both, tau=1.0, w=0.0), model_fn(z, t, c))
     # w > 0 extrapolates away from the null branch, in one batched forward
     want = 3.0 * model_fn(z, t, c) - 2.0 * model_fn(z, t, n)
-    assert torch.allclose(guided_logits(model_fn, z, t, c, n, tau=1.0, w=2.0), want, atol=1e-5)
-    assert torch.allclose(guided_logits(model_fn, z, t, c, n, tau=0.5, w=0.0), 2 * model_fn(z, t, c))
+    assert torch.allclose(guided_logits(model_fn, z, t, c, both, tau=1.0, w=2.0), want, atol=1e-5)
+    assert torch.allclose(guided_logits(model_fn, z, t, c, both, tau=0.5, w=0.0), 2 * model_fn(z, t, c))
 
 
 @pytest.mark.parametrize("inpaint", ["clamp", "renoise"])
@@ -191,3 +192,23 @@ def test_balanced_loss_weights_classes_equally():
     assert torch.allclose(plain, 0.1 * bce_flip + 0.9 * bce_keep, atol=1e-6)
     # no flips at all: balanced falls back to the plain mean, never 0/0
     assert torch.isfinite(flip_loss(logits, z0, z0, "balanced"))
+
+
+def test_authors_loss_is_the_mean_of_weighted_bce_and_differs_by_2r1mr():
+    """docs/math.md (7): 'authors' = mean(w * bce) over all bits; 'balanced' = sum(w bce) / sum(w);
+    per sample they differ by 2 r (1 - r), r the flip fraction."""
+    g = torch.Generator().manual_seed(0)
+    z0 = (torch.rand(3, 200, generator=g) < 0.5).float()
+    z_t = z0.clone()
+    for i, n in enumerate((10, 50, 100)):  # r = 0.05, 0.25, 0.5
+        z_t[i, :n] = 1 - z_t[i, :n]
+    logits = torch.randn(3, 200, generator=g)
+    target = (z0 != z_t).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    r = target.mean(1, keepdim=True)
+    w = torch.where(target > 0.5, 1 - r, r)
+    authors = flip_loss(logits, z0, z_t, "authors", per_sample=True)
+    assert torch.allclose(authors, (w * bce).mean(1), atol=1e-6)
+    balanced = flip_loss(logits, z0, z_t, "balanced", per_sample=True)
+    assert torch.allclose(authors, balanced * 2 * r[:, 0] * (1 - r[:, 0]), atol=1e-6)
+    assert not torch.allclose(authors, balanced)

@@ -17,7 +17,8 @@ import torch
 
 from bld_t2i.eval import metrics as M
 from bld_t2i.eval.neighbours import hamming, nearest_neighbours, read_latent_shard
-from bld_t2i.eval.run import EvalOptions, evaluate, settings_grid
+from bld_t2i.eval.generate import EvalOptions, settings_grid
+from bld_t2i.eval.run import evaluate
 from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
 from bld_t2i.evaluate import main as evaluate_main
 from bld_t2i.data.latents import pack_bits, read_manifest, unpack_bits
@@ -326,3 +327,4 @@ def test_bad_inpainting_input_names_the_file(tiny, tmp_path, problem):
     with pytest.raises(SystemExit, match=match):
         evaluate_main(argv)
     assert not (tmp_path / "out" / "images").exists()  # refused before drawing anything
+

@@ -259,3 +259,8 @@ def test_sample_cli(tmp_path, text_model):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4  # three samples and their grid
     assert all(Image.open(p).size == (RES, RES) for p in pngs if "grid" not in p.name)
+    # image 1 (seed 5 + 1) regenerated alone, with the full interval spelled out, is the same file
+    sample_main(["--model", str(text_model), "--prompt", "red apple", "--out", str(tmp_path / "one"), "--steps", "4",
+                 "--guidance", "2.5", "--guidance-interval", "0", "1", "--temperature", "0.9", "--num-images", "1",
+                 "--seed", "6", "--device", "cpu", "--init-image", str(init), "--mask", str(mask), "--inpaint", "renoise"])
+    assert (tmp_path / "one" / "0000.png").read_bytes() == (out / "0001.png").read_bytes()

@@ -13,13 +13,14 @@ from .bernoulli import (
     training_example,
     z0_prob_from_flip_logits,
 )
-from .sampler import guided_logits, sample
+from .sampler import check_guidance_interval, guided_logits, posterior_table, sample, step_prob
 from .schedule import SCHEDULES, keep_factors, sampling_times
 
 __all__ = [
     "SCHEDULES",
     "aux_posterior_loss",
     "bernoulli",
+    "check_guidance_interval",
     "diffusion_loss",
     "flip_loss",
     "flip_prob",
@@ -27,10 +28,12 @@ __all__ = [
     "keep_factors",
     "p_step_prob",
     "posterior_one",
+    "posterior_table",
     "q_sample",
     "q_step_sample",
     "sample",
     "sampling_times",
+    "step_prob",
     "training_example",
     "z0_prob_from_flip_logits",
 ]

@@ -1,4 +1,4 @@
-"""Noise schedules, given by the cumulative keep factor a_t (SPEC section 2).
+"""Noise schedules, given by the cumulative keep factor a_t (docs/math.md (2)).
 
 q(z_t | z_0) = B(z_0 a_t + (1 - a_t) / 2): each bit flips with probability (1 - a_t)/2.
 Everything downstream needs only a_t for t = 0..T, with a_0 = 1 and a_T = 0.

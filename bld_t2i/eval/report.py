@@ -46,10 +46,12 @@ def _fmt(value, pattern: str) -> str:
 
 def _metrics_table(report: dict) -> str:
     head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in SETTING_COLUMNS)
-    lines = [f"<table id='metrics'><tr><th>setting</th><th>steps</th><th>w</th><th>tau</th><th>images</th>{head}</tr>"]
+    lines = [f"<table id='metrics'><tr><th>setting</th><th>steps</th><th>w</th><th>guided t/T</th><th>tau</th>"
+             f"<th>images</th>{head}</tr>"]
     for s in report["settings"]:
         cells = "".join(f"<td>{_fmt(s.get(key), pattern)}</td>" for key, _, pattern in SETTING_COLUMNS)
-        lines.append(f"<tr><td>{_e(s['setting'])}</td><td>{s['steps']}</td><td>{s['guidance']:g}</td>"
+        interval = "{:g}-{:g}".format(*s["guidance_interval"]) if s["guidance"] else ""  # w = 0 guides nowhere
+        lines.append(f"<tr><td>{_e(s['setting'])}</td><td>{s['steps']}</td><td>{s['guidance']:g}</td><td>{interval}</td>"
                      f"<td>{s['temperature']:g}</td><td>{s['images']}</td>{cells}</tr>")
     lines.append("</table>")
     return "\n".join(lines)

@@ -14,12 +14,8 @@ Inpainting (`EvalOptions.inpaint_image` and `inpaint_mask`, white in the mask = 
 draws every (setting, prompt, image) a second time from the same seed with the image's bits
 kept outside the mask, and measures the fraction of those known bits the samples kept.
 
-A setting is (steps S, guidance w, temperature tau), named `s{S}_w{w}_t{tau}`. Image i of a
-prompt is drawn with `derive_seed(seed, prompt id, i)` (the row's own seed if it has one),
-the same in every setting, so settings compare the same noise and any image can be
-regenerated alone. Prompts are split across ranks (torchrun / srun); an image whose PNG
-exists is not generated again, and every file is written atomically and only when its
-content changes, so a rerun of a finished evaluation writes nothing.
+Generation (settings, seeds, batches, rank split, resuming) is bld_t2i/eval/generate.py;
+this module measures and reports.
 """
 
 from __future__ import annotations
@@ -27,9 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
-from dataclasses import asdict, dataclass
-from itertools import product
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,176 +32,15 @@ from PIL import Image
 
 from bld_t2i import distributed as D
 from bld_t2i.checkpoint import atomic_write_bytes
-from bld_t2i.data.latents import pack_bits, unpack_bits
+from bld_t2i.data.latents import unpack_bits
 from bld_t2i.eval import metrics as M
 from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbours, unpack_neighbour
 from bld_t2i.eval.report import log_wandb, render_report
-from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
+from bld_t2i.eval.generate import (EvalOptions, Setting, condition_args, generate, grid_path, image_path, png_bytes,
+                                   read_inpainting, write_if_changed)
+from bld_t2i.eval.sheets import PromptRow
 from bld_t2i.models.denoiser import TEXT_MODES
-from bld_t2i.data.images import fit, to_rgb
-from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
-
-
-@dataclass(frozen=True)
-class Setting:
-    steps: int
-    guidance: float
-    temperature: float
-
-    @property
-    def name(self) -> str:
-        return f"s{self.steps}_w{self.guidance:g}_t{self.temperature:g}"
-
-
-def settings_grid(steps: list[int], guidance: list[float], temperature: list[float]) -> list[Setting]:
-    return [Setting(s, w, t) for s, w, t in product(steps, guidance, temperature)]
-
-
-@dataclass
-class EvalOptions:
-    settings: list[Setting]
-    images_per_prompt: int = 4
-    seed: int = 0
-    batch_size: int = 16
-    clip_model: str = ""  # OpenCLIP architecture or local-dir:FOLDER; empty: CLIP score skipped
-    clip_checkpoint: str = ""
-    inception: str = ""  # torch-fidelity InceptionV3 weights file; empty: FID/KID skipped
-    reference: str = ""  # image shards for FID/KID
-    reference_limit: int = 10_000
-    fid_features: int = 2048  # Inception layer: 2048 is the standard FID
-    neighbours: str = ""  # latent data set folder; empty: no nearest-neighbour search
-    neighbours_k: int = 10
-    neighbours_clip: bool = False  # also search in CLIP image space (decodes the whole data set)
-    wandb: bool = False
-    inpaint_image: str = ""  # image file to inpaint (with inpaint_mask); empty: no inpainting
-    inpaint_mask: str = ""  # mask file, white = regenerate
-    sheet: str = ""  # recorded in metrics.json
-    model: str = ""
-
-
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """Atomic write, skipped when the file already holds exactly `data`."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    atomic_write_bytes(path, data)
-    return True
-
-
-def _png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def image_path(out: Path, setting: Setting, row: PromptRow, i: int, ext: str = "png") -> Path:
-    return out / "images" / setting.name / row.id / f"{i:03d}.{ext}"
-
-
-def grid_path(out: Path, setting: Setting, row: PromptRow) -> Path:
-    return out / "grids" / setting.name / f"{row.id}.png"
-
-
-def _condition(pipe: BLDPipeline, row: PromptRow, n: int) -> dict:
-    """The pipeline's condition arguments for n images of a row."""
-    if pipe.conditioning in TEXT_MODES:
-        return {"prompts": [row.prompt] * n}
-    if pipe.conditioning == "class":
-        try:
-            return {"class_labels": [int(row.prompt)] * n}
-        except ValueError:
-            raise SheetError(f"line {row.line}: a class-conditional model takes an integer class label as the "
-                             f"prompt, got {row.prompt!r}") from None
-    return {"n": n}  # unconditional: the row only names a group of samples
-
-
-class InpaintError(ValueError):
-    """An inpainting image or mask that cannot be used; the message names the file."""
-
-
-def read_inpainting(opts: EvalOptions, pipe: BLDPipeline) -> tuple[Image.Image, Image.Image] | None:
-    """The inpainting image and mask fitted to the model's resolution (as the pipeline fits
-    them, for the report's PNGs), or None without inpainting; the mask is checked by the
-    pipeline's own `mask_to_grid` here, before anything is drawn."""
-    if not (opts.inpaint_image or opts.inpaint_mask):
-        return None
-    if not (opts.inpaint_image and opts.inpaint_mask):
-        raise InpaintError("inpainting needs both an image and a mask")
-    size = pipe.autoencoder.resolution
-    fitted = []
-    for path in (opts.inpaint_image, opts.inpaint_mask):
-        try:
-            with Image.open(path) as img:
-                fitted.append(fit(to_rgb(img), size, "center_crop"))
-        except (OSError, ValueError) as e:
-            raise InpaintError(f"{path}: cannot read the image ({e})") from None
-    image, mask = fitted
-    try:
-        mask_to_grid(mask, size, pipe.latent_shape[:2])
-    except ValueError as e:
-        raise InpaintError(f"{opts.inpaint_mask}: {e}") from None
-    return image, mask
-
-
-def _draw(pipe: BLDPipeline, row: PromptRow, setting: Setting, idx: list[int], folder: Path, opts: EvalOptions,
-          **inpainting) -> tuple[float, float]:
-    """Sample and write images idx of a row under `folder`; returns (generation, decode) seconds."""
-    base = opts.seed if row.seed is None else row.seed
-    t0 = time.perf_counter()
-    latents = pipe.sample_latents(**_condition(pipe, row, len(idx)), steps=setting.steps,
-                                  temperature=setting.temperature, guidance=setting.guidance,
-                                  seed=[derive_seed(base, row.id, i) for i in idx], **inpainting)
-    t1 = time.perf_counter()
-    images = to_pil(pipe.decode(latents, opts.batch_size))
-    t2 = time.perf_counter()
-    packed = pack_bits(latents.numpy())
-    for j, i in enumerate(idx):  # bits first: a PNG on disk means the image is complete
-        atomic_write_bytes(image_path(folder, setting, row, i, "bits"), packed[j].tobytes())
-        atomic_write_bytes(image_path(folder, setting, row, i), _png_bytes(images[j]))
-    return t1 - t0, t2 - t1
-
-
-def _todo(folder: Path, setting: Setting, row: PromptRow, opts: EvalOptions) -> list[list[int]]:
-    """The row's missing images under `folder`, in batches."""
-    todo = [i for i in range(opts.images_per_prompt) if not image_path(folder, setting, row, i).is_file()]
-    return [todo[lo : lo + opts.batch_size] for lo in range(0, len(todo), opts.batch_size)]
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
-             inpainting: tuple[Image.Image, Image.Image] | None = None) -> dict:
-    """This rank's share of the images (and of the inpaintings, untimed); returns
-    {setting: {"gen_s", "decode_s", "n"}} spent now."""
-    info = D.dist_info()
-    spent: dict[str, dict] = {}
-    warm = False
-    for setting in opts.settings:
-        for row in rows[info.rank :: info.world_size]:
-            batches = _todo(out, setting, row, opts)
-            if batches and not warm:  # one untimed 1-step sample: first-call costs stay out of the timing
-                pipe.decode(pipe.sample_latents(**_condition(pipe, row, 1), steps=1, seed=0))
-                warm = True
-            for idx in batches:
-                gen_s, decode_s = _draw(pipe, row, setting, idx, out, opts)
-                s = spent.setdefault(setting.name, {"steps": setting.steps, "gen_s": 0.0, "decode_s": 0.0, "n": 0})
-                s["gen_s"] += gen_s
-                s["decode_s"] += decode_s
-                s["n"] += len(idx)
-            if inpainting is not None:
-                for idx in _todo(out / "inpaint", setting, row, opts):
-                    _draw(pipe, row, setting, idx, out / "inpaint", opts, init_image=inpainting[0],
-                          mask=inpainting[1])
-        D.print0(f"[evaluate] {setting.name}: rank 0 done")
-    if spent:  # add to this rank's earlier runs (a resumed evaluation times only new images)
-        path = out / "timing" / f"rank{info.rank}.json"
-        total = json.loads(path.read_text()) if path.is_file() else {}
-        for name, s in spent.items():
-            t = total.setdefault(name, {"steps": s["steps"], "gen_s": 0.0, "decode_s": 0.0, "n": 0})
-            for k in ("gen_s", "decode_s", "n"):
-                t[k] += s[k]
-        atomic_write_bytes(path, json.dumps(total, indent=1, sort_keys=True).encode())
-    return spent
+from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -263,7 +96,7 @@ def _decoded_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour
         chunk = paths[lo : lo + 32]
         bits = torch.from_numpy(np.stack([unpack_neighbour(todo[p], shape) for p in chunk])).bool()
         for p, img in zip(chunk, to_pil(pipe.decode(bits))):
-            atomic_write_bytes(p, _png_bytes(img))
+            atomic_write_bytes(p, png_bytes(img))
 
 
 def find_neighbours(pipe: BLDPipeline, out: Path, rows: list[PromptRow], opts: EvalOptions, latents: np.ndarray,
@@ -295,7 +128,7 @@ def _images_and_grid(folder: Path, setting: Setting, row: PromptRow, n: int) -> 
     images = [Image.open(p).convert("RGB") for p in pngs]
     grid = grid_path(folder, setting, row)
     if not grid.is_file() or grid.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in pngs):
-        atomic_write_bytes(grid, _png_bytes(make_grid(images, columns=n)))
+        atomic_write_bytes(grid, png_bytes(make_grid(images, columns=n)))
     return images
 
 
@@ -311,7 +144,7 @@ def measure_inpainting(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts
     kept = keep.reshape(h, w).cpu().numpy().astype(bool)  # (h, w)
     reconstruction = to_pil(pipe.decode(torch.from_numpy(known[None]).bool()))[0]
     for name, img in (("input", image), ("reconstruction", reconstruction), ("mask", mask)):
-        write_if_changed(folder / f"{name}.png", _png_bytes(img))
+        write_if_changed(folder / f"{name}.png", png_bytes(img))
     N = opts.images_per_prompt
     per_setting = {}
     for setting in opts.settings:
@@ -416,8 +249,7 @@ def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: Ev
     """Generate on every rank, then measure on rank 0. Returns the metrics on rank 0."""
     out = Path(out)
     if pipe.conditioning == "class":
-        for row in rows:  # fail before generating anything
-            _condition(pipe, row, 1)
+        condition_args(pipe, rows)  # fail before generating anything
     inpainting = read_inpainting(opts, pipe)
     generate(pipe, rows, out, opts, inpainting)
     D.barrier()

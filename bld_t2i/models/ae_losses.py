@@ -1,4 +1,4 @@
-"""Losses and metrics of the binary autoencoder (SPEC section 1).
+"""Losses and metrics of the binary autoencoder (docs/math.md (A2), (A3)).
 
     L = l1 * |x - x_hat| + w_p * LPIPS(x, x_hat) + disc_weight * lambda * hinge-GAN(D(x_hat))
         + bit_balance * sum_c (mean(p_c) - 1/2)^2

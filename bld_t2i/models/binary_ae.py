@@ -59,7 +59,7 @@ class AEArch:
 
 
 # The authors' 256px models (f=16, 16x16 grid, base 128, mults (1,1,2,2,4)); the poster's
-# 1024px model downsamples by 32 (one more level) to a 32x32 grid (SPEC section 6, defect 4);
+# 1024px model downsamples by 32 (one more level) to a 32x32 grid (docs/math.md, where we differ, 4);
 # small presets for CPU runs.
 AE_PRESETS: dict[str, AEArch] = {
     "bae256-c32": AEArch(resolution=256, bits=32, base_width=128, mults=(1, 1, 2, 2, 4), res_blocks=2),
@@ -125,7 +125,7 @@ class BinaryAutoencoder(nn.Module):
         """The decoder's last weight, where the adaptive GAN weight is measured."""
         return self.decoder.conv_out.weight
 
-    # -- the three steps of SPEC section 1
+    # -- the three steps of docs/math.md (A1)
 
     def _check_images(self, images: torch.Tensor) -> None:
         f = self.arch.downsample

@@ -1,7 +1,7 @@
-"""Caption dropout for classifier-free guidance (SPEC section 2).
+"""Caption dropout for classifier-free guidance (docs/math.md (9)).
 
 Each sample's condition is replaced by the null condition with probability p, independently
-per sample. Two defects this avoids (SPEC section 6): dropping the whole batch's condition
+per sample. Two defects this avoids (docs/math.md, where we differ, 3): dropping the whole batch's condition
 at once (the authors' code), and an inverted mask that drops 1 - p (a peer's); the tests
 check the realised rate.
 """

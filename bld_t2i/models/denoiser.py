@@ -14,6 +14,10 @@ Pre-LN blocks with bidirectional multi-head attention (`scaled_dot_product_atten
 4x GELU MLP; a final LayerNorm and a linear D -> C head give one flip logit per bit, the
 logit of z_0 xor z_t (SPEC section 2).
 
+The condition's share of the work that no sampling step changes (every block's keys and
+values of the text tokens, or the condition token) is `prepare_condition`; `denoise` takes
+it, so a sampler computes it once per call instead of at each of the S steps.
+
 Every parameter takes part in every forward pass, in every mode, so ZeRO and DDP never meet
 an unused parameter (SPEC section 6, defect 5). Constructors make no CUDA calls.
 """
@@ -76,7 +80,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class Attention(nn.Module):
-    """Multi-head attention of x over ctx (self-attention when ctx is None)."""
+    """Multi-head attention of x over its own tokens, or over precomputed context keys and values."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -85,15 +89,19 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = x if ctx is None else ctx
+    def keys_values(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens -> their keys and values (B, 2, H, N, D/H)."""
+        B, N, D = ctx.shape
+        return self.kv(ctx).view(B, N, 2, self.heads, D // self.heads).permute(0, 2, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x.shape  # (B, S, D) queries
-        N = ctx.shape[1]  # (B, N, D) keys and values
-        H = self.heads
-        q = self.q(x).view(B, S, H, D // H).transpose(1, 2)  # (B, H, S, D/H)
-        k, v = self.kv(ctx).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, N, D/H)
+        kv = self.keys_values(x) if kv is None else kv  # (B, 2, H, N, D/H); self-attention when None
+        q = self.q(x).view(B, S, self.heads, D // self.heads).transpose(1, 2)  # (B, H, S, D/H)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N), True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, S, D/H)
+        # SDPA picks the flash kernel (no mask: self-attention) or the memory-efficient one
+        # (a boolean mask: cross-attention) on a GPU, its fused CPU kernels on a CPU.
+        out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask)  # (B, H, S, D/H)
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
 
 
@@ -109,10 +117,11 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None, ctx_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx_kv: torch.Tensor | None, ctx_mask: torch.Tensor | None) -> torch.Tensor:
+        """ctx_kv: this block's keys and values of the text tokens, (B, 2, H, N, D/H)."""
         x = x + self.attn(self.norm1(x))
         if self.cross is not None:
-            x = x + self.cross(self.norm2(x), ctx, ctx_mask)
+            x = x + self.cross(self.norm2(x), ctx_kv, ctx_mask)
         return x + self.mlp(self.norm3(x))
 
 
@@ -246,27 +255,46 @@ class Denoiser(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        B, L, C = z_t.shape  # (B, L, C) float 0/1
-        if (L, C) != (self.latent_shape[0] * self.latent_shape[1], self.latent_shape[2]):
-            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {L}, {C}) for latent shape {self.latent_shape}")
+    def prepare_condition(self, cond: dict | None, batch_size: int) -> dict | None:
+        """What the blocks read of the condition, which no step of sampling changes.
+
+        cross_attn: {"kv": [(B, 2, H, N, D/H) per block], "mask": (B, N)}, every block's keys
+          and values of the projected text tokens; pooled_token, class: {"token": (B, 1, D)};
+          none: None. Sampling computes this once per call (for the condition and for the
+          null) and passes it to `denoise` at every step; `forward` computes it each pass.
+        """
         mode = self.cfg.conditioning
         if (cond is None) != (mode == "none"):
             raise ValueError(f"denoiser.conditioning '{mode}' got cond={'None' if cond is None else 'a dict'}")
         dtype = self.x_embed.weight.dtype
+        if mode == "cross_attn":
+            ctx, mask = self._text_context(cond, batch_size, dtype)  # (B, N, D), (B, N)
+            return {"kv": [block.cross.keys_values(ctx) for block in self.blocks], "mask": mask}
+        if mode in ("pooled_token", "class"):
+            return {"token": self._condition_token(cond, batch_size, dtype)}
+        return None
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        return self.denoise(z_t, t, self.prepare_condition(cond, z_t.shape[0]))
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, prepared: dict | None) -> torch.Tensor:
+        """T_theta with the condition already prepared (`prepare_condition`) -> (B, L, C) flip logits."""
+        B, L, C = z_t.shape  # (B, L, C) float 0/1
+        if (L, C) != (self.latent_shape[0] * self.latent_shape[1], self.latent_shape[2]):
+            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {L}, {C}) for latent shape {self.latent_shape}")
+        dtype = self.x_embed.weight.dtype
         x = self.x_embed(z_t.to(dtype) * 2 - 1) + self.pos_embed.to(dtype)  # (B, L, D)
         extra = [self.t_embed(timestep_embedding(t, self.width).to(dtype))[:, None]]  # time token (B, 1, D)
-        ctx = ctx_mask = None
-        if mode == "cross_attn":
-            ctx, ctx_mask = self._text_context(cond, B, dtype)  # (B, N, D), (B, N)
-        elif mode in ("pooled_token", "class"):
-            extra.append(self._condition_token(cond, B, dtype))
+        if prepared is not None and "token" in prepared:
+            extra.append(prepared["token"])  # condition token (B, 1, D)
         x = torch.cat(extra + [x], dim=1)  # (B, n_extra + L, D)
-        for block in self.blocks:
+        kvs = prepared["kv"] if prepared is not None and "kv" in prepared else [None] * len(self.blocks)
+        ctx_mask = prepared["mask"] if prepared is not None and "mask" in prepared else None
+        for block, kv in zip(self.blocks, kvs):
             if self.cfg.grad_checkpointing and self.training:
-                x = checkpoint(block, x, ctx, ctx_mask, use_reentrant=False)
+                x = checkpoint(block, x, kv, ctx_mask, use_reentrant=False)
             else:
-                x = block(x, ctx, ctx_mask)
+                x = block(x, kv, ctx_mask)
         return self.head(self.norm(x[:, self.n_extra :]))  # (B, L, C) flip logits
 
     def flops_per_sample(self, text_len: int | None = None) -> int:
