@@ -11,7 +11,8 @@ from .checkpoint import atomic_write_text
 from .config import Config, LogConfig, to_dict
 
 
-def start_wandb(log_cfg: LogConfig, name: str, run_id: str, out_dir: str | Path, config: dict, group: str = ""):
+def start_wandb(log_cfg: LogConfig, name: str, run_id: str | None, out_dir: str | Path, config: dict, group: str = "",
+                job_type: str | None = None):
     """The one wandb start-up: the recipe's log section where set, else the environment's
     WANDB_MODE / WANDB_PROJECT / WANDB_DIR, else offline, "bld_t2i" and the run folder.
     Returns the run, or None when the mode is disabled."""
@@ -23,7 +24,7 @@ def start_wandb(log_cfg: LogConfig, name: str, run_id: str, out_dir: str | Path,
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=log_cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "bld_t2i", name=name,
                       id=run_id, resume="allow", mode=mode, dir=os.environ.get("WANDB_DIR") or str(out_dir),
-                      config=config, group=group or None)
+                      config=config, group=group or None, job_type=job_type)
 
 
 class StatsLogger:

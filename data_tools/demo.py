@@ -75,7 +75,7 @@ def main(argv=None) -> None:
           env={"BLD_NPROC": "2", "OMP_NUM_THREADS": "1"})
     stage(5, total, "Prompt-sheet evaluation: seen and unseen emoji prompts, guidance 0 and 3", report,
           out / ".done" / "eval",
-          [PY, "-m", "bld_t2i.evaluate", "--model", str(t2i / "export"), "--prompts", "recipes/prompts/emoji_demo.jsonl",
+          [PY, "-m", "bld_t2i.cli.evaluate", "--model", str(t2i / "export"), "--prompts", "recipes/prompts/emoji_demo.jsonl",
            "--out", str(report), "--guidance", "0,3", "--steps", "16", "--images-per-prompt", "4",
            "--neighbours", str(latents)])
     print(f"\n[demo] finished in {(time.time() - begin) / 60:.1f} min. Open the report:\n{report / 'index.html'}")

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
           ["bash", "slurm/train_t2i.sh", recipe, f"run.out_dir={t2i}", f"latents.shards={latent_spec}",
            f"autoencoder.path={ae / 'export'}"],
           env={"BLD_NPROC": "2", "OMP_NUM_THREADS": "1"})
-    evaluate = [PY, "-m", "bld_t2i.evaluate", "--model", str(t2i / "export"), "--prompts", SHEETS[task],
+    evaluate = [PY, "-m", "bld_t2i.cli.evaluate", "--model", str(t2i / "export"), "--prompts", SHEETS[task],
                 "--out", str(report), "--guidance", GUIDANCE[task], "--steps", "16", "--images-per-prompt", "8",
                 "--neighbours", str(latents)]
     title = "Evaluation: 8 samples of every class, guidance 0 and 3"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Sample an exported model on a prompt sheet and score it (bld_t2i.evaluate), on one GPU.
+# Sample an exported model on a prompt sheet and score it (bld_t2i.cli.evaluate), on one GPU.
 #
 #   sbatch slurm/eval_prompts.sh --model runs/t2i/export --prompts prompts/eval.csv --out runs/t2i/eval
 #   bash slurm/eval_prompts.sh --model ... --prompts ... --out ...    # no SLURM: the same, here
@@ -18,4 +18,4 @@ here="$(dirname "${BASH_SOURCE[0]}")"
 [[ -f "$here/common.sh" ]] || here="$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")"
 source "$here/common.sh" || exit 1
 
-bld_run_tasks python -m bld_t2i.evaluate "$@"
+bld_run_tasks python -m bld_t2i.cli.evaluate "$@"

@@ -72,3 +72,40 @@ def test_cli_config_error_is_clean():
         capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode != 0 and "zero_stage" in proc.stderr and "Traceback" not in proc.stderr
+
+
+ENTRY_POINTS = {  # command, flags given, the section printed and one value the flags set in it
+    "make_shards": (["data_tools/make_shards.py", "--source", "fashion-mnist", "--out", "o", "--size", "32"],
+                    "shards", "size", 32),
+    "encode_latents": (["data_tools/encode_latents.py", "--shards", "s.tar", "--autoencoder", "ae", "--out", "o",
+                        "--batch-size", "7"], "encode", "batch_size", 7),
+    "train_ae": (["-m", "bld_t2i.cli.train_ae", "--recipe", "recipes/ae/emoji64.yaml", "train.total_samples=9"],
+                 "train", "total_samples", 9),
+    "train": (["-m", "bld_t2i.cli.train", "--recipe", "recipes/t2i_emoji_demo.yaml", "denoiser.preset=tiny"],
+              "denoiser", "preset", "tiny"),
+    "sample": (["-m", "bld_t2i.cli.sample", "--model", "m", "--out", "o", "--prompt", "red apple",
+                "--guidance-interval", "0.2", "0.8"], "sample", "guidance_interval", [0.2, 0.8]),
+    "evaluate": (["-m", "bld_t2i.cli.evaluate", "--model", "m", "--prompts", "p.txt", "--out", "o", "--guidance", "0,3",
+                  "--guidance-interval", "0:1,0.2:0.8"], "evaluate", "guidance_interval", [[0.0, 1.0], [0.2, 0.8]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_every_entry_point_answers_dry_run_with_its_resolved_config(name, tmp_path):
+    args, section, key, value = ENTRY_POINTS[name]
+    proc = subprocess.run([sys.executable, *args, "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed[section][key] == value
+    assert not (ROOT / "o").exists()  # a dry run writes nothing
+    if name == "train_ae":  # an entry point prints (and saves) the sections it uses, not the others'
+        assert "denoiser" not in printed and "ae_loss" in printed
+
+
+def test_an_entry_point_names_the_missing_field_and_its_flag():
+    proc = subprocess.run([sys.executable, "-m", "bld_t2i.cli.sample", "--out", "o"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode != 0 and "sample.model is empty; give it with --model" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "bld_t2i.cli.sample", "--model", "m", "--out", "o", "--dtype", "bf61"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "bf16" in proc.stderr and "Traceback" not in proc.stderr

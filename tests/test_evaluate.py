@@ -20,7 +20,7 @@ from bld_t2i.eval.neighbours import hamming, nearest_neighbours, read_latent_sha
 from bld_t2i.eval.generate import EvalOptions, settings_grid
 from bld_t2i.eval.run import evaluate
 from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
-from bld_t2i.evaluate import main as evaluate_main
+from bld_t2i.cli.evaluate import main as evaluate_main
 from bld_t2i.data.latents import pack_bits, read_manifest, unpack_bits
 from bld_t2i.pipeline import BLDPipeline
 from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
@@ -174,7 +174,7 @@ def test_images_are_reproducible_alone_and_split_across_ranks(tiny, tmp_path, mo
 def test_torchrun_splits_prompts_across_two_ranks(tiny, tmp_path):
     sheet = _write(tmp_path / "s.txt", "red apple\ngrinning face\nblue square\n")
     out = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bld_t2i.evaluate",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bld_t2i.cli.evaluate",
            "--model", str(tiny / "model-cross_attn-empty_caption"), "--prompts", str(sheet), "--out", str(out),
            "--steps", "4", "--images-per-prompt", "2", "--device", "cpu"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,4 +1,4 @@
 """Offline evaluation on prompt sheets: sheets, metrics, nearest neighbours, the HTML report.
 
-`bld_t2i.evaluate` (the CLI) runs `run.evaluate`; the pieces are usable alone.
+`bld_t2i.cli.evaluate` (the CLI) runs `run.evaluate`; the pieces are usable alone.
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from PIL import Image
 
 from bld_t2i import distributed as D
 from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.config import EvaluateConfig, LogConfig
 from bld_t2i.data.images import fit, to_rgb
 from bld_t2i.data.latents import pack_bits
 from bld_t2i.diffusion import check_guidance_interval
@@ -56,25 +57,12 @@ def settings_grid(steps: list[int], guidance: list[float], temperature: list[flo
 
 
 @dataclass
-class EvalOptions:
-    settings: list[Setting]
-    images_per_prompt: int = 4
-    seed: int = 0
-    batch_size: int | None = None  # images per sampling batch; None: the pipeline's default_batch_size
-    clip_model: str = ""  # OpenCLIP architecture or local-dir:FOLDER; empty: CLIP score skipped
-    clip_checkpoint: str = ""
-    inception: str = ""  # torch-fidelity InceptionV3 weights file; empty: FID/KID skipped
-    reference: str = ""  # image shards for FID/KID
-    reference_limit: int = 10_000
-    fid_features: int = 2048  # Inception layer: 2048 is the standard FID
-    neighbours: str = ""  # latent data set folder; empty: no nearest-neighbour search
-    neighbours_k: int = 10
-    neighbours_clip: bool = False  # also search in CLIP image space (decodes the whole data set)
-    wandb: bool = False
-    inpaint_image: str = ""  # image file to inpaint (with inpaint_mask); empty: no inpainting
-    inpaint_mask: str = ""  # mask file, white = regenerate
-    sheet: str = ""  # recorded in metrics.json
-    model: str = ""
+class EvalOptions(EvaluateConfig):
+    """The `evaluate` config section (its defaults are there, not here), with the settings
+    grid it expands to and the `log` section for wandb."""
+
+    settings: list[Setting] = field(default_factory=list)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:

@@ -11,8 +11,10 @@ mask, then each prompt's inpaintings per setting with the fraction of known bits
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
+
+from bld_t2i.config import LogConfig
+from bld_t2i.tracking import start_wandb
 
 SETTING_COLUMNS = [("diversity", "diversity", "{:.3f}"), ("clip_score", "CLIP score", "{:.2f}"),
                    ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"),
@@ -144,13 +146,15 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def log_wandb(out: Path, report: dict, grids: list[Path]) -> None:
-    """The metrics table and the grids to wandb, offline unless WANDB_MODE says otherwise."""
+def log_wandb(out: Path, report: dict, grids: list[Path], log_cfg: LogConfig, training_run: str) -> None:
+    """The metrics table and the grids to wandb, in the group of the training run that made the
+    model (its run.name), through the one wandb start-up (tracking.start_wandb)."""
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project="bld_t2i", job_type="evaluate", dir=str(out),
-                     mode=os.environ.get("WANDB_MODE", "offline"), config={k: report[k] for k in ("model", "sheet", "seed")})
+    run = start_wandb(log_cfg, f"{training_run}-eval", None, out, {k: report[k] for k in ("model", "sheet", "seed")},
+                      group=training_run, job_type="evaluate")
+    if run is None:  # mode disabled
+        return
     columns = list(dict.fromkeys(k for s in report["settings"] for k in s))
     table = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in report["settings"]])
     run.log({"metrics": table, **{f"grids/{g.parent.name}/{g.stem}": wandb.Image(str(g)) for g in grids}})

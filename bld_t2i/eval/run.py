@@ -215,7 +215,7 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
         neighbours_out = find_neighbours(pipe, out, rows, opts, np.concatenate(query_latents),
                                          torch.cat(query_features) if clip_search else None, scorer)
     report = {
-        "model": opts.model, "sheet": opts.sheet, "images_per_prompt": N, "seed": opts.seed,
+        "model": opts.model, "sheet": opts.prompts, "images_per_prompt": N, "seed": opts.seed,
         "latent_bits": int(np.prod(shape)), "conditioning": pipe.conditioning,
         "settings": setting_rows, "timing_by_steps": timing_steps, "skipped": skipped,
         "prompts": list(per_prompt.values()),
@@ -232,7 +232,7 @@ def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptio
         write_if_changed(out / "neighbours.json", json.dumps(neighbours_out, indent=1).encode())
     write_if_changed(out / "index.html", render_report(report, rows, opts.settings, N, neighbours_out).encode())
     if opts.wandb:
-        log_wandb(out, report, [grid_path(out, s, r) for s in opts.settings for r in rows])
+        log_wandb(out, report, [grid_path(out, s, r) for s in opts.settings for r in rows], opts.log, pipe.cfg.run.name)
     return report
 
 

