@@ -53,7 +53,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PIP) install -q -c constraints.txt -e ".[test,metrics,tables,demo]" $(QUIET_PIP)
 	@touch $@
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed

@@ -9,7 +9,8 @@
 (b) Real data (`--train`, about 20 minutes on 2 CPU cores): `python -m bld_t2i.cli.train_ae --recipe
     RECIPE` as one process using every core (the default; on 2 idle cores it beats two
     single-threaded DDP ranks, 24 against 21.6 images/s), or under torchrun as `--nproc` CPU
-    ranks of one thread each, from an empty output folder, timed from start to export; the held-out metrics are the trainer's own final evaluation
+    ranks of one thread each, from an empty output folder, timed from start to export; the held-out metrics
+    are the trainer's own final evaluation
     (`eval.json`: deterministic codes of the eval shards). Writes bench/results/ae_<cpu|gpu>.md.
 """
 
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from bld_t2i.cli.train_ae import EXPORT_DIR
 from bld_t2i.config import AutoencoderConfig, load_config
 from bld_t2i.models.binary_ae import AE_PRESETS, BinaryAutoencoder
-from bld_t2i.cli.train_ae import EXPORT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_suffix, machine_stamp, write_result  # noqa: E402

@@ -27,12 +27,13 @@ import time
 import numpy as np
 import torch
 
-from bld_t2i.config import AutoencoderConfig, DataConfig, LatentsConfig
 from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.config import AutoencoderConfig, DataConfig, LatentsConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, VERSION, latent_loader, pack_bits
 from bld_t2i.data.shards import TarShardWriter, join
 from bld_t2i.models.binary_ae import BinaryAutoencoder
+
 from common import device_suffix, machine_stamp, write_result
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

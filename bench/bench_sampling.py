@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_suffix, machine_stamp, write_result  # noqa: E402
-
 from bld_t2i.config import Config  # noqa: E402
 from bld_t2i.diffusion import sample  # noqa: E402
 from bld_t2i.models.binary_ae import BinaryAutoencoder  # noqa: E402
 from bld_t2i.models.denoiser import Denoiser  # noqa: E402
 from bld_t2i.pipeline import BLDPipeline  # noqa: E402
+
+from common import device_suffix, machine_stamp, write_result  # noqa: E402
 
 PRESETS = {"tiny": ("tiny", "ae64-tiny"), "authors": ("authors", "bae256-c64")}
 TEXT_DIM, TEXT_LEN = 768, 77  # CLIP ViT-L text tokens
@@ -144,7 +144,7 @@ def cpu_rows(preset: str, repeats: int, threads: int) -> list[dict]:
                                                   seed=0, batch_size=B))
               for k, g in (("interval", INTERVAL), ("full", (0.0, 1.0)))}
     row(f"guidance interval {list(INTERVAL)} / every step, w=3", "interval", "full", race(guided, device, repeats))
-    del pipe
+    pipe = None  # frees the model before the cache row builds its own
     rows.append(cache_row(preset, base, device, repeats))
     print(rows[-1], flush=True)
     return rows
@@ -182,7 +182,7 @@ def gpu_rows(repeats: int) -> list[dict]:
     for B in (1, 64):
         labels = list(range(B))
         for S in (16, 64):
-            def run():
+            def run(labels=labels, S=S, B=B):
                 pipe.decode(pipe.sample_latents(class_labels=labels, steps=S, seed=0, batch_size=B), B)
             best = min(race({"run": run}, device, repeats)["run"])
             rows.append({"preset": "authors", "px": 256, "steps": S, "batch": B, "dtype": "bf16", "compiled": True,

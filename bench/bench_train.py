@@ -224,7 +224,8 @@ def main() -> None:
                 "batch/proc": b, "threads/proc": threads_per_process(procs, args), "timed steps": s,
                 "step s": r["step_s"], "samples/s": r["samples_s"], "tokens/s": r["samples_s"] * r["tokens_per_sample"],
                 "GFLOP/s": r["gflop_s"], "MFU": f"{100 * r['mfu']:.1f}%" if r["mfu"] else None,
-                "vs plain torch": f"{100 * (r['samples_s'] / base['samples_s'] - 1):+.0f}% samples/s" if path != "torch" else "",
+                "vs plain torch": "" if path == "torch"
+                else f"{100 * (r['samples_s'] / base['samples_s'] - 1):+.0f}% samples/s",
                 "peak RSS/mem GiB": r["peak_mem_gib"],
             })
             print(f"[bench_train]   {r['step_s']:.3f} s/step, {r['samples_s']:.3g} samples/s", flush=True)

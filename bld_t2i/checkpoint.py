@@ -11,8 +11,8 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save as safetensors_bytes

@@ -23,9 +23,10 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -159,7 +160,7 @@ class BLDPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.float32, compile: bool = False) -> "BLDPipeline":
+                        dtype: torch.dtype = torch.float32, compile: bool = False) -> BLDPipeline:
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         for path in (config_path, weights_path):
@@ -199,7 +200,8 @@ class BLDPipeline:
     def latent_shape(self) -> tuple[int, int, int]:
         return self.autoencoder.latent_shape
 
-    def _conditions(self, prompts: Sequence[str] | None, class_labels: Sequence[int] | None) -> tuple[dict | None, dict | None]:
+    def _conditions(self, prompts: Sequence[str] | None,
+                    class_labels: Sequence[int] | None) -> tuple[dict | None, dict | None]:
         """(cond, null_cond) for the batch, or (None, None) for an unconditional model."""
         mode = self.conditioning
         if mode in TEXT_MODES:

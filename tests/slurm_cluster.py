@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                   "PREEMPTED"}
 
 
 def _free_port() -> int:
@@ -168,7 +169,8 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             for name, proc in self._procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}; logs in {self.root / 'log'}")
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}; "
+                                       f"logs in {self.root / 'log'}")
             if ready():
                 return
             time.sleep(0.2)
@@ -187,7 +189,7 @@ class SlurmCluster:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and self._active_jobs():
                 time.sleep(0.5)
-        for name, proc in reversed(self._procs):  # slurmd before slurmctld before munged
+        for _name, proc in reversed(self._procs):  # slurmd before slurmctld before munged
             if proc.poll() is None:
                 proc.terminate()
                 try:

@@ -50,7 +50,8 @@ def test_every_parameter_gets_a_gradient(mode, null_cond):
     B = 3
     z_t, t = inputs(B, gen)
     cond = make_cond(mode, B, gen=gen)
-    empty = {k: v[:1] for k, v in make_cond(mode, 1, N=2, gen=gen).items()} if mode in ("cross_attn", "pooled_token") else None
+    text = mode in ("cross_attn", "pooled_token")
+    empty = {k: v[:1] for k, v in make_cond(mode, 1, N=2, gen=gen).items()} if text else None
     null = model.null_condition(B, "cpu", empty_caption=empty)
     cond, dropped = drop_condition(cond, null, p=0.0, generator=gen)  # nothing dropped
     out = model(z_t, t, cond)

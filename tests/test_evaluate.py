@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
-from bld_t2i.eval import metrics as M
-from bld_t2i.eval.neighbours import hamming, nearest_neighbours, read_latent_shard
-from bld_t2i.eval.generate import EvalOptions, settings_grid
-from bld_t2i.eval.run import evaluate
-from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
 from bld_t2i.cli.evaluate import main as evaluate_main
 from bld_t2i.data.latents import pack_bits, read_manifest, unpack_bits
+from bld_t2i.eval import metrics as M
+from bld_t2i.eval.generate import EvalOptions, settings_grid
+from bld_t2i.eval.neighbours import hamming, nearest_neighbours, read_latent_shard
+from bld_t2i.eval.run import evaluate
+from bld_t2i.eval.sheets import SheetError, derive_seed, read_sheet
 from bld_t2i.pipeline import BLDPipeline
-from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_sheets_in_three_formats(tmp_path):
     ("nocol.csv", "text,category\nx,y\n", r"nocol.csv:1: no prompt column"),
     ("short.csv", "prompt,category\nok,a\n,b\n", r"short.csv:3: empty prompt"),
     ("wide.tsv", "Prompt\tCategory\nok\ta\nx\ty\tz\n", r"wide.tsv:3: 3 fields"),
-    ("dup.jsonl", '{"prompt": "a", "id": "p"}\n{"prompt": "b", "id": "p"}\n', r"dup.jsonl:2: prompt id 'p' already used on line 1"),
+    ("dup.jsonl", '{"prompt": "a", "id": "p"}\n{"prompt": "b", "id": "p"}\n',
+     r"dup.jsonl:2: prompt id 'p' already used on line 1"),
     ("seed.csv", "prompt,seed\nok,1.5\n", r"seed.csv:2: seed must be an integer"),
 ])
 def test_bad_rows_name_the_line(tmp_path, name, text, match):

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from bld_t2i.cli.evaluate import main as evaluate_main
+from bld_t2i.cli.sample import main as sample_main
 from bld_t2i.config import Config, save_config
 from bld_t2i.data.encode import Encoder, encode_shards
 from bld_t2i.data.images import ImageDecoder
@@ -29,8 +31,6 @@ from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder
 from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
-from bld_t2i.cli.evaluate import main as evaluate_main
-from bld_t2i.cli.sample import main as sample_main
 
 RES = 32  # image size of the tiny model: 4x4 grid x 16 bits
 CAPTIONS = ["red apple", "grinning face", "blue square", "green tree"]

@@ -13,6 +13,7 @@ from bld_t2i.data.latents import latent_loader
 from bld_t2i.data.shards import read_bytes
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 
+
 @pytest.fixture(scope="module")
 def bucket(moto_server):
     import s3fs

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_denoiser import MODES_AND_NULLS, inputs, make_cond, make_model
+from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
 from bld_t2i.diffusion import keep_factors, sample
 from bld_t2i.pipeline import BLDPipeline
-from test_denoiser import MODES_AND_NULLS, inputs, make_cond, make_model
-from test_pipeline import build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize("mode,null_cond", MODES_AND_NULLS)

@@ -11,15 +11,15 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_pipeline import RES, _drawing, build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse)
 
+from bld_t2i.cli.evaluate import main as evaluate_main
 from bld_t2i.config import ConfigError, DenoiserConfig, from_dict
 from bld_t2i.data.latents import pack_bits
 from bld_t2i.diffusion import keep_factors, p_step_prob, posterior_table, sample, step_prob
 from bld_t2i.eval.sheets import derive_seed, read_sheet
-from bld_t2i.cli.evaluate import main as evaluate_main
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.pipeline import BLDPipeline
-from test_pipeline import RES, _drawing, build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse)
 
 LATENT = (4, 4, 8)  # (h, w, C) of the sampler-level tests
 SEEDS = [11, 12, 13, 14, 15]

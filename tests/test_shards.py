@@ -12,8 +12,8 @@ from PIL import Image
 
 from bld_t2i.config import DataConfig
 from bld_t2i.data.images import image_loader
-from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
 from bld_t2i.data.plan import epoch_shards
+from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets", "shards")
 

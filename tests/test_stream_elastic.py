@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.config import DataConfig, LatentsConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST, VERSION, latent_loader, pack_bits
 from bld_t2i.data.plan import describe_resume, epoch_shards
-from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.shards import TarShardWriter, join
 
 SHAPE = (2, 2, 8)

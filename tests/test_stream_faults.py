@@ -10,13 +10,14 @@ import time
 from collections import Counter
 
 import pytest
-from t2i_fixtures import free_port
 
+from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.config import DataConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.plan import epoch_shards
-from bld_t2i.checkpoint import atomic_write_bytes
-from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
+from bld_t2i.data.shards import expand_urls
+
+from t2i_fixtures import free_port
 
 KEYS = [f"s{s}-{i:04d}" for s in range(6) for i in range(10)]
 

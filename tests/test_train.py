@@ -21,6 +21,7 @@ from bld_t2i.config import Config, LogConfig, from_dict
 from bld_t2i.diffusion import keep_factors, sample
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.tracking import StatsLogger
+
 from t2i_fixtures import train_command, train_env
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from bld_t2i.checkpoint import read_latest
+from bld_t2i.cli.train_ae import main, train
 from bld_t2i.config import load_config
 from bld_t2i.models.binary_ae import BinaryAutoencoder
-from bld_t2i.cli.train_ae import main, train
 from bld_t2i.training.schedule import lr_at
+
 from t2i_fixtures import ROOT, free_port, run, train_env
 
 pytestmark = pytest.mark.slow
@@ -98,7 +99,8 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     assert len(client["loader"]) == 2 and len(client["rng"]) == 2 and state["world_size"] == 2
     assert (out / "recon" / "recon-000000000016.png").is_file()
 
-    done = run(cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:] + [f"train.max_steps={state['step'] + 3}", "log.wandb=true"],
+    rerun = cmd[:5] + [f"--master_port={free_port()}"] + cmd[6:]
+    done = run(rerun + [f"train.max_steps={state['step'] + 3}", "log.wandb=true"],
                env=train_env(), timeout=300)
     text = done.stdout + done.stderr
     assert f"resumed from step {state['step']}: {latest} at {state['samples']} samples" in text, text[-3000:]

@@ -12,6 +12,7 @@ import pytest
 
 from bld_t2i.checkpoint import read_latest
 from bld_t2i.distributed import LAUNCHER_POLL_S
+
 from t2i_fixtures import train_command, train_env
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from bld_t2i.pipeline import BLDPipeline
+
 from t2i_fixtures import ROOT, train_command, train_env
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,8 @@ def test_the_loop_issues_at_most_one_collective_and_no_host_read_per_step(tmp_pa
     (site / "sitecustomize.py").write_text(COUNTER)
 
     def counts(name: str, steps: int, *overrides: str) -> dict:
-        env = {**train_env(), "PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        path = os.pathsep.join([str(site), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+        env = {**train_env(), "PYTHONPATH": path,
                "BLD_COUNT_FILE": str(tmp_path / f"{name}.")}
         global STEPS
         STEPS = steps
@@ -100,5 +101,6 @@ def test_the_loop_issues_at_most_one_collective_and_no_host_read_per_step(tmp_pa
     assert short["collectives"] > 0 and short["item"] > 0, short  # the wrappers see the loop's calls
     assert long["collectives"] - short["collectives"] <= 8, (short, long)  # the stop flag, once a step
     assert long["item"] == short["item"], (short, long)  # nothing read back to the host per step
-    short, long = counts("short4", 4, "train.stop_check_every_steps=4"), counts("long4", 12, "train.stop_check_every_steps=4")
+    every4 = "train.stop_check_every_steps=4"
+    short, long = counts("short4", 4, every4), counts("long4", 12, every4)
     assert long["collectives"] - short["collectives"] <= 2, (short, long)

@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     if cfg is None:
         return
     manifest = make_shards(cfg.shards, progress=lambda line: print(line, flush=True))
-    atomic_write_bytes(join(cfg.shards.out, "make_shards.json"), json.dumps(to_sections(cfg, ("shards",)), indent=2).encode())
+    resolved = json.dumps(to_sections(cfg, ("shards",)), indent=2).encode()
+    atomic_write_bytes(join(cfg.shards.out, "make_shards.json"), resolved)
     print(f"{manifest['total']} samples in {len(manifest['shards'])} shard(s), skipped: {manifest['skipped']}")
 
 

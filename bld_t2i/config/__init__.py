@@ -8,10 +8,30 @@ nearest valid one. Each component receives only its own section (`cfg.denoiser`,
 entry point prints (`--dry-run`) and saves the sections it uses.
 """
 
-from bld_t2i.config.loading import (Flag, config_from_cli, dump_yaml, entry_config, from_dict, load_config,
-                                    save_config, to_dict, to_sections)
-from bld_t2i.config.schema import (AELossConfig, AutoencoderConfig, DataConfig, DenoiserConfig, DiffusionConfig,
-                                   LatentsConfig, LogConfig, OptimConfig, RunConfig, TextEncoderConfig, TrainConfig)
+from bld_t2i.config.loading import (
+                                    Flag,
+                                    config_from_cli,
+                                    dump_yaml,
+                                    entry_config,
+                                    from_dict,
+                                    load_config,
+                                    save_config,
+                                    to_dict,
+                                    to_sections,
+)
+from bld_t2i.config.schema import (
+                                    AELossConfig,
+                                    AutoencoderConfig,
+                                    DataConfig,
+                                    DenoiserConfig,
+                                    DiffusionConfig,
+                                    LatentsConfig,
+                                    LogConfig,
+                                    OptimConfig,
+                                    RunConfig,
+                                    TextEncoderConfig,
+                                    TrainConfig,
+)
 from bld_t2i.config.tools import Config, EncodeConfig, EvaluateConfig, SampleConfig, ShardsConfig
 from bld_t2i.config.types import ConfigError
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -150,7 +149,7 @@ def _exit(message: str) -> typing.NoReturn:
 
 
 def entry_config(description: str, sections: typing.Sequence[str], flags: typing.Sequence[Flag] = (),
-                 argv: Optional[typing.Sequence[str]] = None, required: typing.Sequence[str] = (),
+                 argv: typing.Sequence[str] | None = None, required: typing.Sequence[str] = (),
                  recipe_required: bool = False) -> Config | None:
     """The front of every entry point: `[--recipe R] [--dry-run] [flags] [section.key=value ...]`.
 
@@ -190,7 +189,7 @@ def entry_config(description: str, sections: typing.Sequence[str], flags: typing
     return cfg
 
 
-def config_from_cli(description: str, argv: Optional[typing.Sequence[str]] = None,
+def config_from_cli(description: str, argv: typing.Sequence[str] | None = None,
                     sections: typing.Sequence[str] = ()) -> Config | None:
     """The trainers' front: `--recipe R [--dry-run] [k=v ...]`; returns None after a dry run."""
     return entry_config(description, sections, argv=argv, recipe_required=True)

@@ -7,8 +7,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bld_t2i.config.schema import (AELossConfig, AutoencoderConfig, DataConfig, DenoiserConfig, DiffusionConfig,
-                                   LatentsConfig, LogConfig, OptimConfig, RunConfig, TextEncoderConfig, TrainConfig)
+from bld_t2i.config.schema import (
+    AELossConfig,
+    AutoencoderConfig,
+    DataConfig,
+    DenoiserConfig,
+    DiffusionConfig,
+    LatentsConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    TextEncoderConfig,
+    TrainConfig,
+)
 from bld_t2i.config.types import ConfigError, _Section
 
 

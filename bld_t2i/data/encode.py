@@ -22,10 +22,18 @@ import torch
 
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.images import ImageDecoder, images_to_tensor
-from bld_t2i.data.latents import (BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits,
-                                  read_manifest)
-from bld_t2i.data.shards import (ShardError, TarShardWriter, exists, expand_urls, iter_samples, join, open_shard,
-                                 read_bytes, remove_stale_temps)
+from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits, read_manifest
+from bld_t2i.data.shards import (
+    ShardError,
+    TarShardWriter,
+    exists,
+    expand_urls,
+    iter_samples,
+    join,
+    open_shard,
+    read_bytes,
+    remove_stale_temps,
+)
 from bld_t2i.data.stream import SkipSample
 from bld_t2i.utils import DTYPES
 
@@ -86,7 +94,7 @@ def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder
     with TarShardWriter(out_url) as writer, open_shard(url) as f:
         items, seen = [], 0
         try:
-            for seen, raw in enumerate(iter_samples(f, url), 1):
+            for seen, raw in enumerate(iter_samples(f, url), 1):  # noqa: B007 (seen: read after the loop)
                 try:
                     items.append(decoder.sample(raw))
                 except SkipSample as e:

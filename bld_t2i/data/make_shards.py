@@ -16,8 +16,8 @@ from itertools import islice
 
 from PIL import Image
 
-from bld_t2i.config import ShardsConfig
 from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.config import ShardsConfig
 from bld_t2i.data import sources
 from bld_t2i.data.images import decode_image, fit, to_rgb
 from bld_t2i.data.shards import TarShardWriter, join

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import fsspec
 import webdataset as wds
-from fsspec.implementations.local import LocalFileSystem
 from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
 
 BLOCK = 512
 _READ_CHUNK = 1 << 20  # bytes per read from the file; tar members are parsed out of it
@@ -80,7 +80,7 @@ def check_exist(urls: list[str]) -> None:
     for url in urls:
         by_dir.setdefault(posixpath.dirname(url), []).append(url)
     missing = []
-    for parent, group in by_dir.items():
+    for group in by_dir.values():
         fs, root = fsspec.core.url_to_fs(group[0])
         try:
             present = {posixpath.basename(p.rstrip("/")) for p in fs.ls(posixpath.dirname(root), detail=False)}
@@ -324,7 +324,7 @@ class TarShardWriter:
         self._tar.write(sample)
         self.count += 1
 
-    def __enter__(self) -> "TarShardWriter":
+    def __enter__(self) -> TarShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

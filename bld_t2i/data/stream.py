@@ -37,8 +37,17 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bld_t2i.data.plan import (Piece, Position, check_split, epoch_shards, plan_of, position_of, restore,
-                               shard_list_digest, slot_pieces)
+from bld_t2i.data.plan import (
+    Piece,
+    Position,
+    check_split,
+    epoch_shards,
+    plan_of,
+    position_of,
+    restore,
+    shard_list_digest,
+    slot_pieces,
+)
 from bld_t2i.data.shards import RawSample, ShardError, check_exist, expand_urls, iter_samples, open_shard
 from bld_t2i.distributed import dist_info
 
@@ -264,7 +273,7 @@ class ShardLoader:
         self._failed: list[tuple[str, str]] = []  # storage failures of this rank's workers in this run
         self._batches = 0
 
-    def __iter__(self) -> "ShardLoader":
+    def __iter__(self) -> ShardLoader:
         return self
 
     def __next__(self) -> dict:

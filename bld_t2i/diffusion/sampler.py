@@ -11,7 +11,8 @@ alone, up to the float rounding of the network's batched forward.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -132,12 +133,12 @@ def sample(
     temperature: float = 1.0,
     guidance: float = 0.0,
     guidance_interval: Sequence[float] = (0.0, 1.0),
-    known: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
+    known: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     inpaint: str = "clamp",
     generator: Generators = None,
     device: torch.device | str = "cpu",
-    callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample z_0 of `shape` (B, L, C) with S = `steps` evenly spaced steps of T = len(a) - 1.
 

@@ -52,7 +52,8 @@ def settings_grid(steps: list[int], guidance: list[float], temperature: list[flo
                   intervals: list[tuple[float, float]] = (FULL_INTERVAL,)) -> list[Setting]:
     """Every combination; w = 0 has no interval (nothing to limit), so it appears once."""
     intervals = [check_guidance_interval(g) for g in intervals]
-    grid = [Setting(s, w, t, g if w != 0 else FULL_INTERVAL) for s, w, t, g in product(steps, guidance, temperature, intervals)]
+    grid = [Setting(s, w, t, g if w != 0 else FULL_INTERVAL)
+            for s, w, t, g in product(steps, guidance, temperature, intervals)]
     return list(dict.fromkeys(grid))
 
 

@@ -34,14 +34,22 @@ from bld_t2i import distributed as D
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.latents import unpack_bits
 from bld_t2i.eval import metrics as M
+from bld_t2i.eval.generate import (
+    EvalOptions,
+    Setting,
+    condition_args,
+    generate,
+    grid_path,
+    image_path,
+    png_bytes,
+    read_inpainting,
+    write_if_changed,
+)
 from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbours, unpack_neighbour
 from bld_t2i.eval.report import log_wandb, render_report
-from bld_t2i.eval.generate import (EvalOptions, Setting, condition_args, generate, grid_path, image_path, png_bytes,
-                                   read_inpainting, write_if_changed)
 from bld_t2i.eval.sheets import PromptRow
 from bld_t2i.models.denoiser import TEXT_MODES
 from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
-
 
 # ----------------------------------------------------------------------------- measuring
 

@@ -46,7 +46,7 @@ class LPIPS(nn.Module):
         self.eval()
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "LPIPS":
+    def from_folder(cls, folder: str | Path) -> LPIPS:
         folder = Path(folder)
         vgg_path, lin_path = folder / VGG16_FILE, folder / LPIPS_LIN_FILE
         for path in (vgg_path, lin_path):
@@ -91,7 +91,8 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             c_out = width * min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, c_out, 4, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
@@ -114,7 +115,8 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float) -> torch.Tensor:
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float) -> torch.Tensor:
     """lambda = clamp(|grad_W L_rec| / (|grad_W L_gan| + 1e-4), 0, max) at the decoder's last layer W."""
     (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_gan,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)

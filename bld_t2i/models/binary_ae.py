@@ -106,7 +106,7 @@ class BinaryAutoencoder(nn.Module):
         self.decoder = Decoder(arch, emb_width)
 
     @classmethod
-    def from_config(cls, cfg: AutoencoderConfig) -> "BinaryAutoencoder":
+    def from_config(cls, cfg: AutoencoderConfig) -> BinaryAutoencoder:
         return cls(resolve_arch(cfg))
 
     # -- shapes
@@ -203,7 +203,7 @@ class BinaryAutoencoder(nn.Module):
         return fingerprint
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "BinaryAutoencoder":
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> BinaryAutoencoder:
         """Load an exported folder; the weights must match the fingerprint and the architecture exactly."""
         folder = Path(folder)
         config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / FINGERPRINT_FILE
@@ -239,7 +239,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{source} does not fit the architecture: {len(missing)} missing {missing[:3]}, "

