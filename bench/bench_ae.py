@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bld_t2i.cli.train_ae import EXPORT_DIR
 from bld_t2i.config import AutoencoderConfig, load_config
 from bld_t2i.models.binary_ae import AE_PRESETS, BinaryAutoencoder
+from bld_t2i.training.loop import EXPORT_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_suffix, machine_stamp, write_result  # noqa: E402

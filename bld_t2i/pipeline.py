@@ -2,14 +2,14 @@
 
     pipe = BLDPipeline.from_pretrained("runs/x/checkpoints/step_000001000")
     out = pipe(["red apple"], steps=16, temperature=1.0, guidance=2.5, seed=0)
-    to_pil(out.images)[0].save("apple.png")
+    bld_t2i.utils.to_pil(out.images)[0].save("apple.png")
 
 An exported model is a folder with `config.json` (the resolved Config) and
 `model.safetensors` (the EMA denoiser weights); `config.autoencoder.path` names the binary
 autoencoder folder and `config.text_encoder` says how to build the text encoder for new
 prompts (also for models trained on pre-computed embeddings).
 
-Sampling is SPEC section 2: S evenly spaced steps of T, temperature tau and classifier-free
+Sampling is docs/math.md (8)-(11): S evenly spaced steps of T, temperature tau and classifier-free
 guidance w on the flip logits (only for t/T in the guidance interval); inpainting keeps the
 known bits outside a mask (clamp) or keeps them noised to the current time (renoise).
 Images are drawn in batches, image i from its own generator, so it is the image its seed
@@ -20,9 +20,7 @@ softmax in fp32), `compile=True` (torch.compile with CUDA graphs: a batch's shap
 
 from __future__ import annotations
 
-import io
 import json
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,15 +33,15 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.config import Config, from_dict
 from bld_t2i.data.images import fit, images_to_tensor, to_rgb
 from bld_t2i.diffusion import check_guidance_interval, keep_factors, sample
 from bld_t2i.distributed import pick_device
 from bld_t2i.models.binary_ae import BinaryAutoencoder, check_state_dict
-from bld_t2i.models.conditioning import pad_tokens
+from bld_t2i.models.conditioning import align_null
 from bld_t2i.models.denoiser import TEXT_MODES, Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder
+from bld_t2i.utils import make_grid, save_png, to_pil
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,34 +57,6 @@ def default_batch_size(device: torch.device) -> int:
 class Samples(NamedTuple):
     images: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1], on the CPU
     latents: torch.Tensor  # (B, h, w, C) bool, on the CPU
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
-    arrays = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a, "RGB") for a in arrays]
-
-
-def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:
-    """Tile equally sized images row-major on white, `columns` wide (default ~square)."""
-    n = len(images)
-    if n == 0:
-        raise ValueError("make_grid needs at least one image")
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
-    return grid
-
-
-def save_png(img: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically (temp name, then rename): a rerun never sees half a file."""
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
 
 
 def image_to_tensor(image: Image.Image | str | Path, size: int) -> torch.Tensor:
@@ -120,15 +90,6 @@ def mask_to_grid(mask: Image.Image | str | Path | torch.Tensor, size: int, grid:
         raise ValueError(f"{where}the mask regenerates every cell of the {h}x{w} latent grid, so it keeps nothing (a cell "
                          f"is kept when all its {size // h}x{size // w} pixels are black); black marks the region to keep")
     return (1 - regen_cells).reshape(h * w, 1)
-
-
-def _align(cond: dict, null: dict) -> tuple[dict, dict]:
-    """A text condition and its null with the same keys and N, stacked for one guided forward."""
-    B = cond["tokens"].shape[0]
-    if "null" in null and "null" not in cond:
-        cond = {**cond, "null": torch.zeros(B, dtype=torch.bool, device=cond["tokens"].device)}
-    n = max(cond["tokens"].shape[1], null["tokens"].shape[1])
-    return pad_tokens(cond, n), pad_tokens(null, n)
 
 
 def _rows(cond: dict | None, lo: int, hi: int) -> dict | None:
@@ -211,7 +172,7 @@ class BLDPipeline:
             if self._empty_caption is None and self.cfg.denoiser.null_cond != "learned":
                 self._empty_caption = self.text_encoder.encode([""])
             null = self.denoiser.null_condition(len(prompts), self.device, self._empty_caption)
-            return _align(cond, null)
+            return align_null(cond, null)
         if mode == "class":
             if class_labels is None:
                 raise ValueError("this model is class-conditioned: pass class_labels")

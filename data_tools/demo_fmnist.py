@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import PY, ROOT  # noqa: E402
 from demo import stage as run_stage  # noqa: E402  (the emoji demo's stage runner)
 
-from bld_t2i.pipeline import save_png  # noqa: E402
+from bld_t2i.utils import save_png  # noqa: E402
 
 SHARD_SIZE = 5000  # 70,000 images: shards 0-11 are the 60,000 training images, 12-13 the test set
 TRAIN_SHARDS = 4  # 20,000 training images are plenty for a tiny denoiser and keep encoding short

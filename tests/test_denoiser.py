@@ -166,7 +166,7 @@ def test_authors_preset_has_172m_parameters():
     with torch.device("meta"):
         model = Denoiser(DenoiserConfig(preset="authors", conditioning="pooled_token"), (16, 16, 64), text_dim=768)
     n = sum(p.numel() for p in model.parameters())
-    assert n == 172_177_216, n  # ~172M, SPEC section 3
+    assert n == 172_177_216, n  # ~172M, docs/math.md (D)
 
 
 def test_bad_config_names_the_field():

@@ -1,4 +1,4 @@
-"""The Bernoulli diffusion core against its definition (SPEC section 2)."""
+"""The Bernoulli diffusion core against its definition (docs/math.md (1)-(11))."""
 
 import itertools
 import math

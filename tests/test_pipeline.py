@@ -30,7 +30,8 @@ from bld_t2i.models.binary_ae import BinaryAutoencoder
 from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder
-from bld_t2i.pipeline import BLDPipeline, make_grid, mask_to_grid, to_pil
+from bld_t2i.pipeline import BLDPipeline, mask_to_grid
+from bld_t2i.utils import make_grid, to_pil
 
 RES = 32  # image size of the tiny model: 4x4 grid x 16 bits
 CAPTIONS = ["red apple", "grinning face", "blue square", "green tree"]

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from bld_t2i.checkpoint import read_latest
-from bld_t2i.cli.train_ae import main, train
+from bld_t2i.cli.train_ae import main
 from bld_t2i.config import load_config
 from bld_t2i.models.binary_ae import BinaryAutoencoder
+from bld_t2i.training.autoencoder import AutoencoderTask
+from bld_t2i.training.loop import fit
 from bld_t2i.training.schedule import lr_at
 
 from t2i_fixtures import ROOT, free_port, run, train_env
@@ -31,6 +33,10 @@ EMOJI = ROOT / "recipes" / "ae" / "emoji64.yaml"
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+
+
+def fit_ae(cfg):
+    return fit(cfg, AutoencoderTask())
 
 
 def _published(ckpts: Path) -> list[Path]:
@@ -56,11 +62,11 @@ def test_resume_continues_exactly(tmp_path, write_image_shards):
     shards = write_image_shards(str(tmp_path / "data"), 2, 16, size=32)
     common = [f"data.shards={shards}", f"data.eval_shards={shards}", "train.total_samples=16", "train.ckpt_every_samples=8",
               "train.precision=bf16"]
-    full = train(load_config(TINY, [f"run.out_dir={tmp_path / 'full'}", *common]))
-    train(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common, "train.max_steps=2"]))
+    full = fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'full'}", *common]))
+    fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common, "train.max_steps=2"]))
     assert read_latest(tmp_path / "split" / "checkpoints").name == "step_000000002"
     assert json.loads((read_latest(tmp_path / "split" / "checkpoints") / "trainer.json").read_text())["samples"] == 8
-    split = train(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common]))
+    split = fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common]))
     a, b = BinaryAutoencoder.from_pretrained(full), BinaryAutoencoder.from_pretrained(split)
     assert a.fingerprint == b.fingerprint
     train_a = [r for r in _records(tmp_path / "full") if "train/l1" in r]
@@ -123,7 +129,7 @@ def test_emoji_quick(tmp_path):
                               f"data.eval_shards={data}/shard-000002.tar", "data.image_size=32",
                               "train.total_samples=640", "train.ema_decay=0.9", "ae_loss.eval_samples=80",
                               "ae_loss.deterministic_start_samples=320", "train.log_every_samples=160"])
-    train(cfg)
+    fit_ae(cfg)
     logged = [(r["samples"], r["train/deterministic_codes"]) for r in _records(out) if "train/l1" in r]
     assert logged == [(160, 0.0), (320, 0.0), (480, 1.0), (640, 1.0)]
     metrics = json.loads((out / "eval.json").read_text())

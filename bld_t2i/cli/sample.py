@@ -22,8 +22,8 @@ from pathlib import Path
 from bld_t2i.checkpoint import atomic_write_text
 from bld_t2i.config import Flag, entry_config, to_sections
 from bld_t2i.distributed import pick_device
-from bld_t2i.pipeline import BLDPipeline, make_grid, save_png, to_pil
-from bld_t2i.utils import DTYPES
+from bld_t2i.pipeline import BLDPipeline
+from bld_t2i.utils import DTYPES, make_grid, save_png, to_pil
 
 FLAGS = [Flag("--model", "sample.model", "exported model folder"), Flag("--out", "sample.out", "output folder"),
          Flag("--prompt", "sample.prompt", "text prompt"), Flag("--class-label", "sample.class_label"),

@@ -8,25 +8,13 @@ number of ranks; SIGUSR1/SIGTERM (SLURM preemption) save a checkpoint and exit c
 The loop is bld_t2i/training/loop.py, the step bld_t2i/training/t2i.py.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-from bld_t2i.config import Config, config_from_cli
-from bld_t2i.training.loop import fit
-from bld_t2i.training.t2i import SECTIONS, T2ITask
-
-
-def train(cfg: Config) -> Path | None:
-    return fit(cfg, T2ITask())
+from bld_t2i.training.loop import fit_from_cli
+from bld_t2i.training.t2i import T2ITask
 
 
 def main(argv=None) -> None:
-    cfg = config_from_cli("Train a text-conditioned Bernoulli diffusion model under DeepSpeed ZeRO.", argv, SECTIONS)
-    if cfg is not None:
-        train(cfg)
+    fit_from_cli(T2ITask(), "Train a text-conditioned Bernoulli diffusion model under DeepSpeed ZeRO.", argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

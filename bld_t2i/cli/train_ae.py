@@ -6,24 +6,12 @@ checkpoint and exit without an export. The loop is bld_t2i/training/loop.py, the
 bld_t2i/training/autoencoder.py.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from bld_t2i.config import Config, config_from_cli
-from bld_t2i.training.autoencoder import SECTIONS, AutoencoderTask
-from bld_t2i.training.loop import fit
-
-
-def train(cfg: Config) -> Path | None:
-    """Returns the export folder (EMA weights), or None if preempted."""
-    return fit(cfg, AutoencoderTask())
+from bld_t2i.training.autoencoder import AutoencoderTask
+from bld_t2i.training.loop import fit_from_cli
 
 
 def main(argv=None) -> None:
-    cfg = config_from_cli("Train the binary autoencoder (docs/math.md, the autoencoder).", argv, SECTIONS)
-    if cfg is not None:
-        train(cfg)
+    fit_from_cli(AutoencoderTask(), "Train the binary autoencoder (docs/math.md (A1)-(A3)).", argv)
 
 
 if __name__ == "__main__":

@@ -9,28 +9,29 @@ entry point prints (`--dry-run`) and saves the sections it uses.
 """
 
 from bld_t2i.config.loading import (
-                                    Flag,
-                                    config_from_cli,
-                                    dump_yaml,
-                                    entry_config,
-                                    from_dict,
-                                    load_config,
-                                    save_config,
-                                    to_dict,
-                                    to_sections,
+    Flag,
+    config_from_cli,
+    dump_yaml,
+    entry_config,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    to_sections,
 )
 from bld_t2i.config.schema import (
-                                    AELossConfig,
-                                    AutoencoderConfig,
-                                    DataConfig,
-                                    DenoiserConfig,
-                                    DiffusionConfig,
-                                    LatentsConfig,
-                                    LogConfig,
-                                    OptimConfig,
-                                    RunConfig,
-                                    TextEncoderConfig,
-                                    TrainConfig,
+    AELossConfig,
+    AutoencoderConfig,
+    DataConfig,
+    DenoiserConfig,
+    DiffusionConfig,
+    LatentsConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    StreamConfig,
+    TextEncoderConfig,
+    TrainConfig,
 )
 from bld_t2i.config.tools import Config, EncodeConfig, EvaluateConfig, SampleConfig, ShardsConfig
 from bld_t2i.config.types import ConfigError
@@ -38,6 +39,6 @@ from bld_t2i.config.types import ConfigError
 __all__ = [
     "AELossConfig", "AutoencoderConfig", "Config", "ConfigError", "DataConfig", "DenoiserConfig", "DiffusionConfig",
     "EncodeConfig", "EvaluateConfig", "Flag", "LatentsConfig", "LogConfig", "OptimConfig", "RunConfig",
-    "SampleConfig", "ShardsConfig", "TextEncoderConfig", "TrainConfig", "config_from_cli", "dump_yaml",
-    "entry_config", "from_dict", "load_config", "save_config", "to_dict", "to_sections",
+    "SampleConfig", "ShardsConfig", "StreamConfig", "TextEncoderConfig", "TrainConfig", "config_from_cli",
+    "dump_yaml", "entry_config", "from_dict", "load_config", "save_config", "to_dict", "to_sections",
 ]

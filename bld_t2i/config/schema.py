@@ -18,18 +18,13 @@ class RunConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
-    """Image-caption shards (WebDataset tar, local or s3://)."""
-    _name = "data"
+class StreamConfig(_Section):
+    """What both shard loaders (images, latents) read and how: data/stream.py."""
 
     shards: str = ""  # brace-expanded or glob URL(s) of .tar/.tar.gz/.tgz shards; several separated by "::"
-    image_size: int = 64
-    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
-    min_image_size: int = 8  # smaller source images are skipped as "tiny"
     shuffle_window: int = 256  # samples permuted together; resume re-reads at most one window
     num_workers: int = 1
-    batch_size: int = 16  # per rank
-    eval_shards: str = ""  # held-out shards for reconstruction metrics
+    batch_size: int = 16  # per rank, per micro-step
     # Draw each slot's shards with replacement, seeded by (seed, slot, epoch), instead of exact
     # epochs: for fewer shards than ranks x workers, or an endless stream.
     resampled: bool = False
@@ -42,19 +37,24 @@ class DataConfig(_Section):
 
 
 @dataclass
-class LatentsConfig(_Section):
-    """Bit-packed latent shards written by data_tools/encode_latents.py."""
-    _name = "latents"
+class DataConfig(StreamConfig):
+    """Image-caption shards (WebDataset tar, local or s3://)."""
 
-    shards: str = ""
+    _name = "data"
+    image_size: int = 64
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    min_image_size: int = 8  # smaller source images are skipped as "tiny"
+    eval_shards: str = ""  # held-out shards for reconstruction metrics
+
+
+@dataclass
+class LatentsConfig(StreamConfig):
+    """Bit-packed latent shards written by data_tools/encode_latents.py."""
+
+    _name = "latents"
     shuffle_window: int = 1024
-    num_workers: int = 1
-    batch_size: int = 64  # per rank, per micro-step
+    batch_size: int = 64
     use_embeddings: bool = False  # read pre-computed text embeddings instead of encoding captions
-    resampled: bool = False  # this and the read_retries/backoff fields: as in DataConfig
-    read_retries: int = 6
-    retry_backoff_s: float = 1.0
-    retry_max_backoff_s: float = 30.0
 
 
 @dataclass

@@ -7,19 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bld_t2i.config.schema import (
-    AELossConfig,
-    AutoencoderConfig,
-    DataConfig,
-    DenoiserConfig,
-    DiffusionConfig,
-    LatentsConfig,
-    LogConfig,
-    OptimConfig,
-    RunConfig,
-    TextEncoderConfig,
-    TrainConfig,
-)
+from bld_t2i.config import schema
 from bld_t2i.config.types import ConfigError, _Section
 
 
@@ -143,17 +131,17 @@ class EvaluateConfig(_Section):
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    latents: LatentsConfig = field(default_factory=LatentsConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    ae_loss: AELossConfig = field(default_factory=AELossConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    run: schema.RunConfig = field(default_factory=schema.RunConfig)
+    data: schema.DataConfig = field(default_factory=schema.DataConfig)
+    latents: schema.LatentsConfig = field(default_factory=schema.LatentsConfig)
+    autoencoder: schema.AutoencoderConfig = field(default_factory=schema.AutoencoderConfig)
+    ae_loss: schema.AELossConfig = field(default_factory=schema.AELossConfig)
+    diffusion: schema.DiffusionConfig = field(default_factory=schema.DiffusionConfig)
+    denoiser: schema.DenoiserConfig = field(default_factory=schema.DenoiserConfig)
+    text_encoder: schema.TextEncoderConfig = field(default_factory=schema.TextEncoderConfig)
+    optim: schema.OptimConfig = field(default_factory=schema.OptimConfig)
+    train: schema.TrainConfig = field(default_factory=schema.TrainConfig)
+    log: schema.LogConfig = field(default_factory=schema.LogConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

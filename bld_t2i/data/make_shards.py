@@ -22,7 +22,7 @@ from bld_t2i.data import sources
 from bld_t2i.data.images import decode_image, fit, to_rgb
 from bld_t2i.data.shards import TarShardWriter, join
 from bld_t2i.data.stream import SkipSample
-from bld_t2i.pipeline import make_grid, save_png
+from bld_t2i.utils import make_grid, save_png
 
 MANIFEST = "manifest.json"
 

@@ -88,8 +88,8 @@ def _noised(known: torch.Tensor, a_t: torch.Tensor, generator: Generators) -> to
 def posterior_table(a_s: torch.Tensor, a_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q(z_s = 1 | z_t, z_0 = 1) and q(z_s = 1 | z_t, z_0 = 0), each (..., 2) indexed by z_t.
 
-    For binary z_t and z_0 the posterior takes only these four values per step (SPEC
-    section 2); a_s, a_t shaped (S, 1) give every step's table in one call. They come from
+    For binary z_t and z_0 the posterior takes only these four values per step (docs/math.md
+    (4)); a_s, a_t shaped (S, 1) give every step's table in one call. They come from
     `posterior_one`'s own float32 arithmetic, elementwise, so they are its values bit for bit.
     """
     bits = torch.arange(2.0, device=a_t.device)  # z_t = 0, 1 (made on the device: no host copy)

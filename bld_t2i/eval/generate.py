@@ -12,7 +12,6 @@ content changes, so a rerun of a finished evaluation writes nothing.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from bld_t2i.data.latents import pack_bits
 from bld_t2i.diffusion import check_guidance_interval
 from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
 from bld_t2i.models.denoiser import TEXT_MODES
-from bld_t2i.pipeline import BLDPipeline, default_batch_size, mask_to_grid, to_pil
+from bld_t2i.pipeline import BLDPipeline, default_batch_size, mask_to_grid
+from bld_t2i.utils import png_bytes, to_pil
 
 FULL_INTERVAL = (0.0, 1.0)
 
@@ -72,12 +72,6 @@ def write_if_changed(path: Path, data: bytes) -> bool:
         return False
     atomic_write_bytes(path, data)
     return True
-
-
-def png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def image_path(out: Path, setting: Setting, row: PromptRow, i: int, ext: str = "png") -> Path:

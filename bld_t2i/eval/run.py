@@ -41,7 +41,6 @@ from bld_t2i.eval.generate import (
     generate,
     grid_path,
     image_path,
-    png_bytes,
     read_inpainting,
     write_if_changed,
 )
@@ -49,7 +48,8 @@ from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbou
 from bld_t2i.eval.report import log_wandb, render_report
 from bld_t2i.eval.sheets import PromptRow
 from bld_t2i.models.denoiser import TEXT_MODES
-from bld_t2i.pipeline import BLDPipeline, make_grid, to_pil
+from bld_t2i.pipeline import BLDPipeline
+from bld_t2i.utils import make_grid, png_bytes, to_pil
 
 # ----------------------------------------------------------------------------- measuring
 

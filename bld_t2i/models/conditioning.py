@@ -22,6 +22,21 @@ def pad_tokens(cond: dict, n: int) -> dict:
     }
 
 
+def align_null(cond: dict, null: dict) -> tuple[dict, dict]:
+    """A condition and its null with the same keys and token length N, so that they can be
+    mixed per sample (caption dropout) or stacked for one guided forward; a learned null
+    carries a "null" flag (B,) and one token, and the condition gets the flag, False."""
+    first = next(iter(cond.values()))
+    if "null" in null and "null" not in cond:
+        cond = {**cond, "null": torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)}
+    if set(cond) != set(null):
+        raise ValueError(f"condition keys {sorted(cond)} differ from the null condition's {sorted(null)}")
+    if "tokens" in cond:
+        n = max(cond["tokens"].shape[1], null["tokens"].shape[1])
+        cond, null = pad_tokens(cond, n), pad_tokens(null, n)
+    return cond, null
+
+
 def drop_condition(
     cond: dict | None, null_cond: dict | None, p: float, generator: torch.Generator | None = None
 ) -> tuple[dict | None, torch.Tensor | None]:
@@ -46,14 +61,7 @@ def drop_condition(
     draw_device = generator.device if generator is not None else device
     dropped = (torch.rand(B, generator=generator, device=draw_device) < p).to(device)  # (B,) bool
 
-    if "null" in null_cond and "null" not in cond:
-        cond = {**cond, "null": torch.zeros(B, dtype=torch.bool, device=device)}
-    if set(cond) != set(null_cond):
-        raise ValueError(f"drop_condition: condition keys {sorted(cond)} differ from the null condition's "
-                         f"{sorted(null_cond)}")
-    if "tokens" in cond:
-        n = max(cond["tokens"].shape[1], null_cond["tokens"].shape[1])
-        cond, null_cond = pad_tokens(cond, n), pad_tokens(null_cond, n)
+    cond, null_cond = align_null(cond, null_cond)
     mixed = {}
     for key, value in cond.items():
         null = null_cond[key].to(device=device, dtype=value.dtype)

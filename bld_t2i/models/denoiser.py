@@ -1,25 +1,25 @@
-"""The denoising transformer T_theta(z_t, t, c) -> flip logits (SPEC section 3).
+"""The denoising transformer T_theta(z_t, t, c) -> flip logits (docs/math.md (D)).
 
 Bits {0,1} -> +-1 -> a bias-free linear map C -> D, plus a trainable 2-D sin-cos position
 embedding; the time t/T becomes one extra token (sinusoid -> MLP). The condition enters in
 one of four ways, `cfg.conditioning`:
 
   cross_attn    every block cross-attends to the projected text tokens (the default: one
-                pooled token is weak for text-to-image at scale, SPEC section 3)
+                pooled token is weak for text-to-image at scale, docs/math.md (D))
   pooled_token  one extra token, a linear projection of the pooled text vector (the authors')
   class         one extra token from a class embedding; label `num_classes` is the null class
   none          unconditional
 
 Pre-LN blocks with bidirectional multi-head attention (`scaled_dot_product_attention`) and a
 4x GELU MLP; a final LayerNorm and a linear D -> C head give one flip logit per bit, the
-logit of z_0 xor z_t (SPEC section 2).
+logit of z_0 xor z_t (docs/math.md (5)).
 
 The condition's share of the work that no sampling step changes (every block's keys and
 values of the text tokens, or the condition token) is `prepare_condition`; `denoise` takes
 it, so a sampler computes it once per call instead of at each of the S steps.
 
 Every parameter takes part in every forward pass, in every mode, so ZeRO and DDP never meet
-an unused parameter (SPEC section 6, defect 5). Constructors make no CUDA calls.
+an unused parameter (docs/math.md, where we differ, 5). Constructors make no CUDA calls.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class Denoiser(nn.Module):
         return self.pooled_proj(pooled)[:, None]
 
     def null_condition(self, batch_size: int, device: torch.device | str, empty_caption: dict | None = None) -> dict | None:
-        """The condition that classifier-free guidance drops to (SPEC section 2).
+        """The condition that classifier-free guidance drops to (docs/math.md (9)).
 
         text, null_cond "empty_caption": `empty_caption` (the text encoder's encoding of [""],
           batch 1) expanded to the batch;

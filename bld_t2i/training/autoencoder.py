@@ -25,10 +25,10 @@ from bld_t2i.config import Config
 from bld_t2i.data.images import image_loader
 from bld_t2i.models.ae_losses import LPIPS, PatchDiscriminator, bit_stats, generator_loss, hinge_d_loss, psnr, ssim
 from bld_t2i.models.binary_ae import BinaryAutoencoder
-from bld_t2i.pipeline import make_grid, save_png, to_pil
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
 from bld_t2i.training.loop import Parts
+from bld_t2i.utils import make_grid, save_png, to_pil
 
 SECTIONS = ("run", "data", "autoencoder", "ae_loss", "optim", "train", "log")
 EXPORT_SUBDIR = "autoencoder"  # inside each checkpoint folder: the EMA autoencoder's export

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from bld_t2i import checkpoint as files
 from bld_t2i import distributed as D
-from bld_t2i.config import Config, save_config, to_dict
+from bld_t2i.config import Config, config_from_cli, save_config, to_dict
 from bld_t2i.data.plan import describe_resume
 from bld_t2i.tracking import StatsLogger
 from bld_t2i.training.checkpointer import Checkpointer
@@ -201,6 +201,12 @@ def fit(cfg: Config, task: Task) -> Path | None:
                      f"{state['step']} ({state['samples']} samples); checkpoint saved")
             break
     return _finish(task, parts, logger, state, stop, out, lock)
+
+
+def fit_from_cli(task: Task, description: str, argv=None) -> Path | None:
+    """A trainer's command line: `--recipe R [--dry-run] [k=v ...]`, then `fit`."""
+    cfg = config_from_cli(description, argv, task.sections)
+    return None if cfg is None else fit(cfg, task)
 
 
 def _lock(out: Path, info) -> RunLock | None:
