@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", help="per process, one per preset or one for all")
     p.add_argument("--steps", type=int, nargs="+", help="timed steps, one per preset or one for all")
     p.add_argument("--warmup", type=int, nargs="+", help="untimed steps, one per preset or one for all")
-    p.add_argument("--procs", type=int, default=2, help="DeepSpeed processes for the extra tiny run (<= 1: none)")
+    p.add_argument("--procs", type=int, default=2, help="DeepSpeed processes of the extra run per preset (<= 1: none)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per process (default: $OMP_NUM_THREADS, else cores / processes)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -208,7 +208,7 @@ def main() -> None:
     rows, skipped = [], []
     for name, b, s, wu in zip(args.presets, batch, steps, warmup):
         runs = [("torch", 1), ("deepspeed", 1)]
-        if name == "tiny" and args.procs > 1:
+        if args.procs > 1:
             if cuda and torch.cuda.device_count() < args.procs:
                 skipped.append(f"DeepSpeed x{args.procs} needs {args.procs} GPUs; {torch.cuda.device_count()} visible")
             else:
