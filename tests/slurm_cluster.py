@@ -29,15 +29,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from t2i_fixtures import free_port
+
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                    "PREEMPTED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_hosts(names: list[str]) -> None:
@@ -88,7 +84,7 @@ class SlurmCluster:
             if not gpu.exists():
                 gpu.symlink_to("/dev/null")
         node_lines = [
-            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
             f"CPUs={self.cpus_per_node} RealMemory=1000 Gres=gpu:{self.gpus_per_node} State=UNKNOWN"
             for n in self.nodes
         ]
@@ -97,7 +93,7 @@ class SlurmCluster:
                 [
                     "ClusterName=bldtest",
                     "SlurmctldHost=localhost(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmctldPort={free_port()}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",

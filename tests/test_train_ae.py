@@ -168,3 +168,22 @@ def test_sigusr1_to_one_rank_checkpoints_both_and_the_rerun_resumes(tmp_path, ti
                env=train_env(), timeout=300)
     assert f"resumed from step {state['step']}: {saved[0]} at {state['samples']} samples" in done.stdout + done.stderr
     assert BinaryAutoencoder.from_pretrained(out / "export").latent_shape == (8, 8, 8)  # its native 64 px
+
+
+def test_resume_on_another_world_size(tmp_path, tiny_image_shards):
+    """2 ranks for 3 steps, then the same command on 1 process: it resumes the sample count, says
+    the world changed, and finishes; the autoencoder keeps its per-rank batch (no accumulation)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "bld_t2i.cli.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
+           f"data.shards={tiny_image_shards}", "train.total_samples=80", "train.ckpt_every_samples=1000000"]
+    run([*cmd, "train.max_steps=3"], env=train_env(), timeout=300)
+    assert json.loads((read_latest(out / "checkpoints") / "trainer.json").read_text())["samples"] == 3 * 8
+    one = [*cmd[:3], "--nproc_per_node=1", *cmd[4:5], f"--master_port={free_port()}", *cmd[6:]]
+    done = run(one, env=train_env(), timeout=300)
+    text = done.stdout + done.stderr
+    assert "world size changed: checkpoint written by 2 rank(s), resuming on 1" in text, text[-3000:]
+    assert "global batch 8 -> 4 samples a step" in text
+    samples = [r["samples"] for r in _records(out) if "train/l1" in r]
+    assert samples == sorted(set(samples)) and samples[-1] == 80
+    assert BinaryAutoencoder.from_pretrained(out / "export").latent_shape == (8, 8, 8)

@@ -66,14 +66,17 @@ class AutoencoderTask:
 
     name = "train_ae"
     sections = SECTIONS
+    # Two optimisers step on every batch (no accumulation): a resume on another number of
+    # ranks keeps the per-rank batch, so the global batch and the samples per step change.
+    accumulates = False
 
     def micro_batch(self, cfg: Config) -> int:
         return cfg.data.batch_size
 
     def build(self, cfg: Config, device: torch.device, grad_accum: int, resume_world: int | None) -> Parts:
-        if grad_accum != 1:
-            raise ValueError(f"train.grad_accum={grad_accum}: the autoencoder trainer steps its two optimisers on "
-                             "every batch (no accumulation); the world size must keep the checkpoint's global batch")
+        if cfg.train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum={cfg.train.grad_accum}: the autoencoder trainer steps its two "
+                             "optimisers on every batch (no accumulation)")
         lc, info = cfg.ae_loss, D.dist_info()
         self.cfg, self.device = cfg, device
         self.model = BinaryAutoencoder.from_config(cfg.autoencoder).to(device)

@@ -59,6 +59,7 @@ class Parts:
 class Task(Protocol):
     name: str  # the log prefix, e.g. "train"
     sections: tuple[str, ...]  # the config sections it uses: what its saved config.json holds
+    accumulates: bool  # steps over grad_accum micro-batches (else: one batch a step, whatever the world)
 
     def micro_batch(self, cfg: Config) -> int: ...
 
@@ -73,8 +74,11 @@ class Task(Protocol):
         every rank is finite."""
 
 
-def grad_accum_for(cfg: Config, micro: int, world: int, saved: dict | None) -> int:
-    """The recipe's `train.grad_accum`, or on resume the one that keeps the checkpoint's global batch."""
+def grad_accum_for(cfg: Config, micro: int, world: int, saved: dict | None, accumulates: bool = True) -> int:
+    """The recipe's `train.grad_accum`, or on resume the one that keeps the checkpoint's global
+    batch; a task that does not accumulate keeps its micro-batch and the global batch changes."""
+    if not accumulates:
+        return 1
     if saved is None or saved["trainer"]["world_size"] == world:
         return saved["trainer"]["grad_accum"] if saved else cfg.train.grad_accum
     global_batch = saved["trainer"]["global_batch"]
@@ -141,10 +145,13 @@ def fit(cfg: Config, task: Task) -> Path | None:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     micro = task.micro_batch(cfg)
     saved = Checkpointer(out, tc.keep_checkpoints).peek()
-    accum = grad_accum_for(cfg, micro, info.world_size, saved)
+    accum = grad_accum_for(cfg, micro, info.world_size, saved, task.accumulates)
     parts = task.build(cfg, device, accum, saved["trainer"]["world_size"] if saved else None)
     state = _resume(parts, task.name, info)
     per_step = micro * info.world_size * accum
+    if state.get("global_batch", per_step) != per_step:
+        D.print0(f"[{task.name}] global batch {state['global_batch']} -> {per_step} samples a step "
+                 f"({micro} a rank, {info.world_size} rank(s)); the schedule goes on in samples")
     state.update(world_size=info.world_size, grad_accum=accum, global_batch=per_step)
     state["run_id"] = D.broadcast_object(state["run_id"])
     logger = None

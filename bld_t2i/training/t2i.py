@@ -86,6 +86,7 @@ class T2ITask:
 
     name = "train"
     sections = SECTIONS
+    accumulates = True
 
     def micro_batch(self, cfg: Config) -> int:
         return cfg.latents.batch_size
