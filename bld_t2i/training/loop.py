@@ -205,7 +205,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
                 parts.on_sample(folder, logger, {"samples": state["samples"], "step": state["step"]})
         if stop:
             D.print0(f"[{task.name}] preempted by signal {D.stop_signal() or 'on another rank'} at step "
-                     f"{state['step']} ({state['samples']} samples); checkpoint saved")
+                     f"{state['step']}; checkpoint saved ({state['samples']} samples)")
             break
     return _finish(task, parts, logger, state, stop, out, lock)
 
