@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_stream_faults import RestartableS3
 
 from t2i_fixtures import N_IMAGES, train_command, train_env
-from test_stream_faults import RestartableS3
 
 pytestmark = pytest.mark.slow
 
