@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from t2i_fixtures import free_port
+pytest.register_assert_rewrite("t2i_fixtures")  # imported here before pytest_plugins loads it
+
+from t2i_fixtures import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
