@@ -146,6 +146,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
     micro = task.micro_batch(cfg)
     saved = Checkpointer(out, tc.keep_checkpoints).peek()
     accum = grad_accum_for(cfg, micro, info.world_size, saved, task.accumulates)
+    if task.accumulates and accum != tc.grad_accum:
+        D.print0(f"[{task.name}] train.grad_accum {tc.grad_accum} -> {accum}: the checkpoint's global batch is kept")
     parts = task.build(cfg, device, accum, saved["trainer"]["world_size"] if saved else None)
     state = _resume(parts, task.name, info)
     per_step = micro * info.world_size * accum
