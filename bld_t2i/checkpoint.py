@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from bld_t2i.data.shards import _local_tmp
+from bld_t2i.data.shards import local_temp
 from bld_t2i.data.shards import publish as publish_file
 
 LATEST = "latest"
@@ -28,7 +28,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """The one atomic file write, local or object storage: a reader sees the old file or the
     new one, never half. Local: a synced temp file beside it, renamed; s3:// and other
     fsspec URLs: one PUT of a finished local temp file (`data.shards.publish`)."""
-    tmp = _local_tmp(str(path))
+    tmp = local_temp(str(path))
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -250,7 +250,7 @@ def open_shard(url: str):
 # ----------------------------------------------------------------------------- writing
 
 
-def _local_tmp(url: str) -> str:
+def local_temp(url: str) -> str:
     """A temporary file beside a local target (same filesystem: rename is atomic), or in
     the system temp folder for a remote one."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -316,7 +316,7 @@ class TarShardWriter:
     def __init__(self, url: str):
         self.url = url
         self.count = 0
-        self._tmp = _local_tmp(url)
+        self._tmp = local_temp(url)
         self._file = open(self._tmp, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
 

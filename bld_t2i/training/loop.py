@@ -92,8 +92,8 @@ def grad_accum_for(cfg: Config, micro: int, world: int, saved: dict | None, accu
 class _Stats:
     """Sums of each stat over the steps since the last log line, on the device."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.sums = device, {}
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
@@ -161,7 +161,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json", task.sections)
         logger = StatsLogger(out, cfg, cfg.log, state["run_id"], resume_samples=state["samples"])
-    stats, clock = _Stats(device), _Clock(state["samples"])
+    stats, clock = _Stats(), _Clock(state["samples"])
     audit = _KeyAudit(out, info.rank) if cfg.log.sample_keys else None
     loader = iter(parts.loader)
     sync = {"stop": False, "done": False}
