@@ -15,6 +15,7 @@ atomically, so a crash mid-save leaves the previous checkpoint as the one to res
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,10 @@ class Checkpointer:
             load_dir, tag = str(self.dir), folder.name
             if self.universal:  # written by another number of ranks: merge its partitions once
                 if D.dist_info().is_main and not (folder / UNIVERSAL).is_dir():
-                    D.to_universal(str(folder), str(folder / f"{UNIVERSAL}.tmp"))
-                    (folder / f"{UNIVERSAL}.tmp").rename(folder / UNIVERSAL)
+                    tmp = folder / f"{UNIVERSAL}.tmp"
+                    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed half way
+                    D.to_universal(str(folder), str(tmp))
+                    tmp.rename(folder / UNIVERSAL)
                 D.barrier()
                 load_dir, tag = str(folder), UNIVERSAL
             path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
