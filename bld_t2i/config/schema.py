@@ -130,6 +130,8 @@ class DenoiserConfig(_Section):
     num_classes: int = 0  # class conditioning; label num_classes is the null class
     cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample
     null_cond: Literal["empty_caption", "learned"] = "empty_caption"  # the text null condition
+    # how t (and a class or pooled text condition) enters: one extra token, or adaLN-Zero (DiT)
+    time_cond: Literal["token", "adaln_zero"] = "token"
     grad_checkpointing: bool = False  # recompute each block in backward (activation memory)
 
 
@@ -169,6 +171,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: Literal[0, 1, 2, 3] = 2
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n
     ckpt_every_samples: int = 5_000
     keep_checkpoints: int = 2
     log_every_samples: int = 1_000

@@ -51,6 +51,9 @@ class EncodeConfig(_Section):
     batch_size: int = 64
     resolution: int = 0  # image size fed to the encoder; 0: the autoencoder's
     resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    # aspect-ratio buckets, "HxW" in pixels (multiples of the autoencoder's factor, about one
+    # pixel budget): each image goes to the bucket nearest its aspect ratio; empty: square
+    buckets: list[str] = field(default_factory=list)
     min_size: int = 8  # smaller source images are skipped as tiny
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the encoder
     device: Literal["auto", "cpu", "cuda"] = "auto"
