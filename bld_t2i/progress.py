@@ -15,7 +15,8 @@ at the end:
 
     [encode] 1200/5000 img (24%) 196.3 img/s, elapsed 0:00:06, ETA 0:00:19, loss 0.31
 
-BLD_PROGRESS=bar | plain | off forces a mode. Ranks other than 0 (RANK env) show nothing.
+BLD_PROGRESS=bar | plain | off forces a mode. Ranks other than 0 (RANK env) show nothing;
+`write` prints a log line on rank 0's stdout in every mode, above the bar.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from datetime import timedelta
 MODES = ("bar", "plain", "off")
 
 
+def _rank() -> int:
+    """This process's global rank from the launcher's environment (torchrun's RANK, else srun's)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def progress_mode(stream=None) -> str:
     """bar on a terminal, plain elsewhere, off on ranks other than 0; BLD_PROGRESS overrides."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _rank() != 0:
         return "off"
     forced = os.environ.get("BLD_PROGRESS", "").strip().lower()
     if forced:
@@ -102,11 +108,13 @@ class Progress:
             self._bar.set_postfix({k: _fmt(v) for k, v in self.postfix.items()}, refresh=False)
 
     def write(self, message: str) -> None:
-        """A line that does not break the bar (tqdm.write on a terminal, print elsewhere)."""
+        """A line on stdout from rank 0 (in every mode) that does not break the bar."""
+        if _rank() != 0:
+            return
         if self._bar is not None:
-            self._bar.write(message, file=self.stream)
-        elif self.mode != "off":
-            print(message, file=self.stream, flush=True)
+            self._bar.write(message, file=sys.stdout)
+        else:
+            print(message, flush=True)
 
     def line(self) -> str:
         """The plain line for the current count."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -50,7 +51,12 @@ def test_zero2_loss_falls_and_resume_is_exact(tmp_path, tiny_latents, tiny_ae):
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(STEPS - 2, STEPS + 1)) / 3
     assert last < first - 0.05, f"loss did not fall: {first:.4f} -> {last:.4f}"
-    assert "world size 2" in (full / "train.log").read_text()
+    log = (full / "train.log").read_text()
+    assert "world size 2" in log
+    # progress in a log: one plain line at the end (every 30 s, rank 0 only), with the loss
+    done = re.findall(rf"\[train\] {STEPS * STEP_SAMPLES}/{STEPS * STEP_SAMPLES} samples \(100%\) [\d.]+ samples/s, "
+                      r"elapsed [\d:]+, loss [\d.]+", log)
+    assert len(done) == 1, log[-3000:]
     assert {p.name for p in (full / "export").iterdir()} == {"model.safetensors", "config.json"}
 
     # kill after N steps (stop there and checkpoint), rerun the same command: it resumes

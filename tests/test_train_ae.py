@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,6 +111,10 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
                env=train_env(), timeout=300)
     text = done.stdout + done.stderr
     assert f"resumed from step {state['step']}: {latest} at {state['samples']} samples" in text, text[-3000:]
+    # progress in a log (no terminal): rank 0's plain line at the end, with rate, ETA and the loss
+    shown = re.findall(r"\[train_ae\] \d+/\d+ samples \(\d+%\) [\d.]+ samples/s, elapsed [\d:]+, ETA [\d:]+, l1 [\d.]+",
+                       text)
+    assert len(shown) == 1, text[-3000:]
     records = [r for r in _records(out) if "train/l1" in r]
     samples = [r["samples"] for r in records]
     assert samples == sorted(set(samples)) and samples[-1] == state["samples"] + 3 * 8

@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     cfg = entry_config(__doc__.split("\n")[0], ("shards",), FLAGS, argv, required=("shards.out",))
     if cfg is None:
         return
-    manifest = make_shards(cfg.shards, progress=lambda line: print(line, flush=True))
+    manifest = make_shards(cfg.shards)
     resolved = json.dumps(to_sections(cfg, ("shards",)), indent=2).encode()
     atomic_write_bytes(join(cfg.shards.out, "make_shards.json"), resolved)
     print(f"{manifest['total']} samples in {len(manifest['shards'])} shard(s), skipped: {manifest['skipped']}")

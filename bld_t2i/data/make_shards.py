@@ -22,6 +22,7 @@ from bld_t2i.data import sources
 from bld_t2i.data.images import decode_image, fit, to_rgb
 from bld_t2i.data.shards import TarShardWriter, join
 from bld_t2i.data.stream import SkipSample
+from bld_t2i.progress import progress
 from bld_t2i.utils import make_grid, save_png
 
 MANIFEST = "manifest.json"
@@ -91,14 +92,16 @@ def write_shard(writer: TarShardWriter, batch: list, cfg: ShardsConfig, key: int
     return key
 
 
-def make_shards(cfg: ShardsConfig, progress=print) -> dict:
-    """Write the shards and the manifest of `cfg.source` to `cfg.out`; returns the manifest."""
+def make_shards(cfg: ShardsConfig) -> dict:
+    """Write the shards and the manifest of `cfg.source` to `cfg.out`; returns the manifest.
+    Progress in images (a bar on a terminal) and one line per shard written."""
     skipped: Counter = Counter()
     shards, labels, sheet = [], {}, []
     stream = kept(items(cfg), skipped, re.compile(cfg.skip_caption) if cfg.skip_caption else None)
     if cfg.limit:
         stream = islice(stream, cfg.limit)
     key, done = 0, False
+    bar = progress(total=cfg.limit or None, desc="shards", unit="img")
     while not done:
         name = f"{cfg.prefix}-{len(shards):06d}.tar"
         batch = list(islice(stream, cfg.shard_size))
@@ -108,7 +111,9 @@ def make_shards(cfg: ShardsConfig, progress=print) -> dict:
         with TarShardWriter(join(cfg.out, name)) as writer:
             key = write_shard(writer, batch, cfg, key, skipped, labels, sheet)
         shards.append({"name": name, "count": writer.count})
-        progress(f"{join(cfg.out, name)}: {writer.count} samples")
+        bar.update(len(batch))
+        bar.write(f"{join(cfg.out, name)}: {writer.count} samples")
+    bar.close()
     manifest = {"format": "bld-image-shards", "version": 1, "source": cfg.source, "size": cfg.size,
                 "resize": cfg.resize, "total": sum(s["count"] for s in shards), "shards": shards,
                 "skipped": dict(skipped), "labels": {str(k): labels[k] for k in sorted(labels)}}

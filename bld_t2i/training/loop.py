@@ -30,6 +30,7 @@ from bld_t2i import checkpoint as files
 from bld_t2i import distributed as D
 from bld_t2i.config import Config, config_from_cli, save_config, to_dict
 from bld_t2i.data.plan import describe_resume
+from bld_t2i.progress import progress
 from bld_t2i.tracking import StatsLogger
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
@@ -38,6 +39,7 @@ from bld_t2i.training.schedule import lr_at, step_generator
 
 EXPORT_DIR = "export"  # <out_dir>/export: the finished model, outside the rotating checkpoints
 EMA_WEIGHTS = "model.safetensors"  # in a checkpoint's export folder: the EMA weights a resume reads back
+PROGRESS_FIELDS = ("loss", "l1", "psnr")  # a log line's numbers the progress bar shows
 
 
 @dataclass
@@ -167,6 +169,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
     sync = {"stop": False, "done": False}
     stop_flag = D.StopFlag(device)
     stop = False
+    # rank 0's bar (samples/s, loss, ETA) on a terminal; a plain line every 30 s in a log
+    bar = progress(total=tc.total_samples, initial=state["samples"], desc=task.name, unit="samples")
 
     def guard(bad: torch.Tensor) -> bool:  # the step's one collective: stop flag and NaN flag together
         sync["stop"], any_bad = D.agree(device, bad)
@@ -193,22 +197,24 @@ def fit(cfg: Config, task: Task) -> Path | None:
             state["skipped_steps"] += 1
         state["step"] += 1
         state["samples"] += per_step
+        bar.update(per_step)
         if not sync["done"] and state["step"] % tc.stop_check_every_steps == 0:
             sync["stop"] = stop_flag.poll()
         stop = sync["stop"]
         done = state["samples"] >= tc.total_samples or bool(tc.max_steps and state["step"] >= tc.max_steps)
         if _crossed(tc.log_every_samples, state["samples"], per_step) or done:
-            _log(task, parts, logger, state, stats, clock, lr)
+            _log(task, parts, logger, state, stats, clock, lr, bar)
         sample = parts.on_sample is not None and _crossed(tc.sample_every_samples, state["samples"], per_step)
         if stop or done or sample or _crossed(tc.ckpt_every_samples, state["samples"], per_step):
             folder = _save(parts, cfg, state)
-            D.print0(f"[{task.name}] checkpoint {folder}")
+            bar.write(f"[{task.name}] checkpoint {folder}")
             if sample and logger:
                 parts.on_sample(folder, logger, {"samples": state["samples"], "step": state["step"]})
         if stop:
             D.print0(f"[{task.name}] preempted by signal {D.stop_signal() or 'on another rank'} at step "
                      f"{state['step']}; checkpoint saved ({state['samples']} samples)")
             break
+    bar.close()
     return _finish(task, parts, logger, state, stop, out, lock)
 
 
@@ -264,7 +270,7 @@ class _Clock:
 
 
 def _log(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, stats: _Stats, clock: _Clock,
-         lr: float) -> None:
+         lr: float, bar) -> None:
     """One stats.jsonl line (and wandb) with the means since the last one; the same on the console."""
     record = {"step": state["step"], "samples": state["samples"], **stats.reduce(), "lr": lr,
               **clock.lap(state["samples"]), "skipped_steps": state["skipped_steps"]}
@@ -283,7 +289,9 @@ def _log(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, stat
         logger.log(record, state["step"])
         shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in record.items()
                          if isinstance(v, float) and k not in ("lr", "data_wait_frac"))
-        print(f"[{task.name}] step {state['step']} samples {state['samples']} lr {lr:.2e} {shown}", flush=True)
+        bar.set_postfix(**{k.split("/")[-1]: v for k, v in record.items()
+                           if k.split("/")[-1] in PROGRESS_FIELDS and isinstance(v, float)})
+        bar.write(f"[{task.name}] step {state['step']} samples {state['samples']} lr {lr:.2e} {shown}")
 
 
 def _save(parts: Parts, cfg: Config, state: dict) -> Path:
