@@ -35,7 +35,7 @@ from bld_t2i.tracking import StatsLogger
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
 from bld_t2i.training.lock import RunLock, RunLocked
-from bld_t2i.training.schedule import lr_at, step_generator
+from bld_t2i.training.schedule import ema_decay_at, lr_at, step_generator
 
 EXPORT_DIR = "export"  # <out_dir>/export: the finished model, outside the rotating checkpoints
 EMA_WEIGHTS = "model.safetensors"  # in a checkpoint's export folder: the EMA weights a resume reads back
@@ -192,7 +192,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
             step_stats, applied = task.train_step(parts, batch, g, seen, m == accum - 1, guard)
             stats.add(step_stats)
         if applied:
-            parts.ema.update(tc.ema_decay)
+            parts.ema.update(ema_decay_at(tc.ema_decay, tc.ema_warmup, state["step"] - state["skipped_steps"]))
         else:
             state["skipped_steps"] += 1
         state["step"] += 1

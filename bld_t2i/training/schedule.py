@@ -1,4 +1,4 @@
-"""What depends on samples seen: the learning rate and every step's random draws."""
+"""What depends on progress: the learning rate, the EMA decay and every step's random draws."""
 
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ def lr_at(cfg: OptimConfig, samples: int, total: int) -> float:
     progress = min(1.0, (samples - cfg.warmup_samples) / max(1, total - cfg.warmup_samples))
     shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.decay]
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def ema_decay_at(decay: float, warmup: bool, updates: int) -> float:
+    """The EMA decay of the update after `updates` earlier ones: `decay`, or with warm-up
+    min(decay, (1 + n) / (10 + n)) (docs/math.md (12)), so the average forgets the random
+    initial weights within the first steps and a short run's export is not mostly init."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
 
 
 def step_generator(seed: int, rank: int, samples: int, device: torch.device | str) -> torch.Generator:
