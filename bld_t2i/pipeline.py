@@ -1,52 +1,63 @@
-"""Text-to-image (and class / unconditional) sampling from an exported model folder.
+"""Text-to-image (and class / unconditional) sampling from an exported model folder, with
+diffusers' conventions (without depending on diffusers):
 
-    pipe = BLDPipeline.from_pretrained("runs/x/checkpoints/step_000001000")
-    out = pipe(["red apple"], steps=16, temperature=1.0, guidance=2.5, seed=0)
-    bld_t2i.utils.to_pil(out.images)[0].save("apple.png")
+    pipe = BLDPipeline.from_pretrained("runs/x/export")
+    out = pipe("red apple", num_inference_steps=16, guidance_scale=3.5, num_images_per_prompt=4,
+               generator=torch.Generator().manual_seed(0))
+    out.images[0].save("apple.png")  # PIL images; output_type "pt", "np" or "latent" for others
+    pipe.save_pretrained("exports/apple")  # a self-contained folder that loads from any path
 
-An exported model is a folder with `config.json` (the resolved Config) and
-`model.safetensors` (the EMA denoiser weights); `config.autoencoder.path` names the binary
-autoencoder folder and `config.text_encoder` says how to build the text encoder for new
-prompts (also for models trained on pre-computed embeddings).
+`guidance_scale` is 1 + w (diffusers' convention, 1: no guidance); recipes, the sample CLI,
+the evaluation and `sample_latents` keep w (docs/math.md (9)). Unset sampler arguments come
+from the model's `config.diffusion`. The folder layouts (the pipeline one `save_pretrained`
+writes and the older flat one) are in bld_t2i/pretrained.py; argument checks in
+bld_t2i/pipeline_inputs.py.
 
 Sampling is docs/math.md (8)-(11): S evenly spaced steps of T, temperature tau and classifier-free
 guidance w on the flip logits (only for t/T in the guidance interval); inpainting keeps the
 known bits outside a mask (clamp) or keeps them noised to the current time (renoise).
 Images are drawn in batches, image i from its own generator, so it is the image its seed
-gives alone; the condition's attention keys and values are computed once per batch
+gives alone; `pipe(...)` draws those per-image seeds from `generator` (`seeds_from_generators`)
+and returns them. The condition's attention keys and values are computed once per batch
 (`Denoiser.prepare_condition`). GPU: dtype bf16 (bf16 weights, autocast keeps norms and
 softmax in fp32), `compile=True` (torch.compile with CUDA graphs: a batch's shapes are static).
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from bld_t2i.config import Config, from_dict
-from bld_t2i.data.images import fit, images_to_tensor, to_rgb
+from bld_t2i.config import Config
 from bld_t2i.diffusion import check_guidance_interval, keep_factors, sample
 from bld_t2i.distributed import pick_device
-from bld_t2i.models.binary_ae import BinaryAutoencoder, check_state_dict
+from bld_t2i.models.binary_ae import BinaryAutoencoder
 from bld_t2i.models.conditioning import align_null
 from bld_t2i.models.denoiser import TEXT_MODES, Denoiser
-from bld_t2i.models.text_encoders import build_text_encoder
+from bld_t2i.pipeline_inputs import (
+    check_output_type,
+    check_steps,
+    condition_inputs,
+    guidance_w,
+    image_to_tensor,
+    mask_to_grid,
+    seeds_from_generators,
+    to_output,
+)
+from bld_t2i.pretrained import load_pretrained, write_pretrained
 from bld_t2i.utils import make_grid, save_png, to_pil
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 INPAINT_MODES = ("clamp", "renoise")
 GRID_IMAGES = 8  # save_grid's image count for class and unconditional models
+__all__ = ["BLDPipeline", "BLDPipelineOutput", "default_batch_size", "image_to_tensor", "mask_to_grid"]
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -54,42 +65,13 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 32
 
 
-class Samples(NamedTuple):
-    images: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1], on the CPU
+@dataclass
+class BLDPipelineOutput:
+    # output_type "pil": list of RGB images; "pt": float (B, 3, H, W) in [0, 1]; "np": float32
+    # (B, H, W, 3) in [0, 1]; "latent": the bits, as `latents`
+    images: list[Image.Image] | torch.Tensor | np.ndarray
     latents: torch.Tensor  # (B, h, w, C) bool, on the CPU
-
-
-def image_to_tensor(image: Image.Image | str | Path, size: int) -> torch.Tensor:
-    """An RGB image (file or PIL) centre-cropped to (size, size) -> (1, 3, size, size) in [-1, 1]."""
-    img = Image.open(image) if isinstance(image, (str, Path)) else image
-    return images_to_tensor([np.asarray(fit(to_rgb(img), size, "center_crop"))])
-
-
-def mask_to_grid(mask: Image.Image | str | Path | torch.Tensor, size: int, grid: tuple[int, int]) -> torch.Tensor:
-    """A pixel mask (white = regenerate) -> keep mask m on the latent grid, (h*w, 1) float 0/1.
-
-    The mask is fitted like the image, thresholded at half grey, and a grid cell is
-    regenerated when any of its pixels is (max-pooling), so a kept cell never overlaps
-    the region to fill. A mask must keep some cells and regenerate some (ValueError).
-    """
-    if isinstance(mask, torch.Tensor):
-        regen = mask.float().reshape(1, 1, *mask.shape[-2:])  # (1, 1, H, W), 1 = regenerate
-        if regen.shape[-2:] != (size, size):
-            raise ValueError(f"mask tensor must be (H, W) = ({size}, {size}); got {tuple(mask.shape)}")
-    else:
-        img = Image.open(mask) if isinstance(mask, (str, Path)) else mask
-        grey = np.asarray(fit(to_rgb(img), size, "center_crop").convert("L"), dtype=np.float32)
-        regen = torch.from_numpy(grey >= 128).float()[None, None]  # (1, 1, H, W)
-    h, w = grid
-    regen_cells = F.adaptive_max_pool2d(regen, (h, w))  # (1, 1, h, w)
-    # Either extreme is almost always an inverted or wrong mask, not a request.
-    where = f"{mask}: " if isinstance(mask, (str, Path)) else ""
-    if not regen_cells.any():
-        raise ValueError(f"{where}the mask is all black: it regenerates nothing (white marks the region to regenerate)")
-    if regen_cells.all():
-        raise ValueError(f"{where}the mask regenerates every cell of the {h}x{w} latent grid, so it keeps nothing (a cell "
-                         f"is kept when all its {size // h}x{size // w} pixels are black); black marks the region to keep")
-    return (1 - regen_cells).reshape(h * w, 1)
+    seeds: list[int]  # image i is `sample_latents(its prompt or label, seed=[seeds[i]])`
 
 
 def _rows(cond: dict | None, lo: int, hi: int) -> dict | None:
@@ -122,44 +104,39 @@ class BLDPipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, compile: bool = False) -> BLDPipeline:
-        folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"exported model is missing {path}")
-        try:
-            cfg = from_dict(json.loads(config_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-        if not cfg.autoencoder.path:
-            raise ValueError(f"{config_path}: autoencoder.path is empty; it must name the exported autoencoder folder")
+        """Load an exported folder: the pipeline layout (`model_index.json`, everything relative
+        to the folder) or the old flat one (config.json + model.safetensors); bld_t2i/pretrained.py."""
         device = pick_device("auto") if device is None else torch.device(device)
-        ae_path = Path(cfg.autoencoder.path)
-        if not ae_path.is_absolute() and not ae_path.exists():
-            ae_path = folder / ae_path  # a path relative to the model folder
-        autoencoder = BinaryAutoencoder.from_pretrained(ae_path, device=device)
-        text_encoder = None
-        text_dim = 0
-        if cfg.denoiser.conditioning in TEXT_MODES:
-            if cfg.text_encoder.kind == "none":
-                raise ValueError(f"{config_path}: denoiser.conditioning '{cfg.denoiser.conditioning}' needs a text "
-                                 "encoder for new prompts, but text_encoder.kind is 'none'")
-            text_encoder = build_text_encoder(cfg.text_encoder, device)
-            text_dim = text_encoder.dim
-        denoiser = Denoiser(cfg.denoiser, autoencoder.latent_shape, text_dim)
-        try:
-            state = load_file(str(weights_path))
-        except SafetensorError as e:
-            raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
-        check_state_dict(denoiser, state, weights_path)
-        denoiser.load_state_dict(state, strict=True)
-        return cls(cfg, denoiser, autoencoder, text_encoder, device, dtype, compile)
+        parts = load_pretrained(folder, device)
+        return cls(parts.cfg, parts.denoiser, parts.autoencoder, parts.text_encoder, device, dtype, compile)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the pipeline layout (`write_pretrained`): a self-contained folder that
+        `from_pretrained` loads from any path. Needs a float32 pipeline (bf16 weights are rounded)."""
+        if self.dtype != torch.float32:
+            raise ValueError(f"save_pretrained needs a float32 pipeline, this one is {self.dtype} (its weights are "
+                             "rounded): load the model with dtype=torch.float32 to export it")
+        return write_pretrained(folder, self.cfg, self.denoiser.state_dict(), self.autoencoder, self.denoiser.text_dim)
 
     # ------------------------------------------------------------------ conditions
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return self.autoencoder.latent_shape
+
+    def latent_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(h, w) latent rows and columns of a height x width image (pixels; default the
+        autoencoder's resolution). Both must be multiples of its downsampling factor."""
+        f, res = self.autoencoder.arch.downsample, self.autoencoder.resolution
+        sizes = {"height": res if height is None else height, "width": res if width is None else width}
+        for name, v in sizes.items():
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < f or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} (the autoencoder's downsampling), got {v!r}")
+        grid = (int(sizes["height"]) // f, int(sizes["width"]) // f)
+        if grid != self.latent_shape[:2] and "grid" not in inspect.signature(self.denoiser.denoise).parameters:
+            raise ValueError(f"height={sizes['height']}, width={sizes['width']}: this denoiser samples only its own "
+                             f"{self.latent_shape[0]}x{self.latent_shape[1]} latent grid ({res}x{res} px)")
+        return grid
 
     def _conditions(self, prompts: Sequence[str] | None,
                     class_labels: Sequence[int] | None) -> tuple[dict | None, dict | None]:
@@ -196,12 +173,16 @@ class BLDPipeline:
         """bf16: autocast, matmuls in bf16 and norms and softmax in fp32; fp32: no context (free)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16 else nullcontext()
 
-    def _model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, prepared: dict | None) -> torch.Tensor:
-        """The sampler's model: the denoiser on a condition `Denoiser.prepare_condition` made."""
+    def _model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, prepared: dict | None,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The sampler's model: the denoiser on a condition `Denoiser.prepare_condition` made;
+        `grid` (h, w) only for a grid other than the denoiser's own."""
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         with self._precision():
-            return self._denoise(z_t, t_in, prepared).float()
+            if grid is None:
+                return self._denoise(z_t, t_in, prepared).float()
+            return self._denoise(z_t, t_in, prepared, grid=grid).float()
 
     def _batch_size(self, prompts, class_labels, n) -> int:
         given = [x for x in (prompts, class_labels) if x is not None]
@@ -220,29 +201,35 @@ class BLDPipeline:
 
     # ------------------------------------------------------------------ sampling
 
-    def inpainting_inputs(self, init_image, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Known bits (1, L, C) of `init_image` and the keep mask (L, 1) on the latent grid."""
-        res = self.autoencoder.resolution
-        h, w, C = self.latent_shape
-        x = image_to_tensor(init_image, res) if not isinstance(init_image, torch.Tensor) else init_image
-        if x.shape[-2:] != (res, res):
-            raise ValueError(f"init image must be {res}x{res} (the autoencoder's resolution); got {tuple(x.shape)}")
+    def inpainting_inputs(self, init_image, mask, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Known bits (1, L, C) of `init_image` and the keep mask (L, 1) on the latent grid of a
+        size x size image (default the autoencoder's resolution)."""
+        size = self.autoencoder.resolution if size is None else size
+        h = w = size // self.autoencoder.arch.downsample
+        C = self.latent_shape[2]
+        x = image_to_tensor(init_image, size) if not isinstance(init_image, torch.Tensor) else init_image
+        if x.shape[-2:] != (size, size):
+            raise ValueError(f"init image must be {size}x{size} (the image size sampled); got {tuple(x.shape)}")
         known = self.autoencoder.encode(x.to(self.device, self.dtype)).reshape(1, h * w, C).float()
-        return known, mask_to_grid(mask, res, (h, w)).to(self.device)
+        return known, mask_to_grid(mask, size, (h, w)).to(self.device)
 
     @torch.no_grad()
     def sample_latents(self, prompts: Sequence[str] | None = None, class_labels: Sequence[int] | None = None,
                        n: int | None = None, steps: int | None = None, temperature: float | None = None,
                        guidance: float | None = None, guidance_interval: Sequence[float] | None = None,
                        seed: int | Sequence[int] = 0, batch_size: int | None = None, init_image=None, mask=None,
-                       inpaint: str = "clamp") -> torch.Tensor:
-        """Bits (B, h, w, C) bool on the CPU. Defaults come from `config.diffusion`.
+                       inpaint: str = "clamp", height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Bits (B, h, w, C) bool on the CPU: the lower-level API the evaluation uses, with w.
+        Defaults come from `config.diffusion`.
 
+        guidance: w (`pipe(...)` takes guidance_scale = 1 + w).
         seed: image i is drawn from its own generator seeded with seed[i] (an int s: s + i), so
           any image can be regenerated alone; batches of `batch_size` (default
           `default_batch_size`) give the same images as one by one.
         guidance_interval: [lo, hi], guidance only for t/T in it (`diffusion.sample`).
-        init_image, mask: inpainting (white in the mask = regenerate), `inpaint` clamp | renoise.
+        init_image, mask: inpainting (white in the mask = regenerate), `inpaint` clamp | renoise;
+          square images only.
+        height, width: the image size in pixels (`latent_grid`); default the autoencoder's.
         """
         d = self.cfg.diffusion
         steps = d.sample_steps if steps is None else steps
@@ -256,14 +243,18 @@ class BLDPipeline:
             raise ValueError(f"inpaint must be one of {INPAINT_MODES}, got {inpaint!r}")
         if (init_image is None) != (mask is None):
             raise ValueError("inpainting needs both init_image and mask")
+        h, w = grid = self.latent_grid(height, width)
         B = self._batch_size(prompts, class_labels, n)
         seeds = [int(seed) + i for i in range(B)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
         if len(seeds) != B:
             raise ValueError(f"{len(seeds)} seeds for {B} images")
         known = keep = None
         if init_image is not None:
-            known, keep = self.inpainting_inputs(init_image, mask)
-        h, w, C = self.latent_shape
+            if h != w:
+                raise ValueError(f"inpainting needs a square image (height == width); got {h}x{w} latent cells")
+            known, keep = self.inpainting_inputs(init_image, mask, h * self.autoencoder.arch.downsample)
+        C = self.latent_shape[2]
+        model_fn = self._model_fn if grid == self.latent_shape[:2] else partial(self._model_fn, grid=grid)
         cond, null = self._conditions(prompts, class_labels)  # encoded once, sliced per batch
         guided = guidance != 0 and null is not None
         out = []
@@ -272,7 +263,7 @@ class BLDPipeline:
             with self._precision():  # the condition's keys and values, once for every step
                 c = self.denoiser.prepare_condition(_rows(cond, lo, hi), hi - lo)
                 u = self.denoiser.prepare_condition(_rows(null, lo, hi), hi - lo) if guided else None
-            z = sample(self._model_fn, (hi - lo, h * w, C), self.a, steps, cond=c, null_cond=u,
+            z = sample(model_fn, (hi - lo, h * w, C), self.a, steps, cond=c, null_cond=u,
                        temperature=temperature, guidance=guidance, guidance_interval=interval,
                        known=None if known is None else known.expand(hi - lo, -1, -1), mask=keep, inpaint=inpaint,
                        generator=[torch.Generator(device=self.device).manual_seed(s) for s in seeds[lo:hi]],
@@ -289,25 +280,54 @@ class BLDPipeline:
             return torch.cat([self.autoencoder.decode(latents[i : i + batch_size].to(self.device)).float().clamp(-1, 1)
                               .cpu() for i in range(0, len(latents), batch_size)])
 
-    def __call__(self, prompts: Sequence[str] | str | None = None, class_labels: Sequence[int] | None = None,
-                 n: int | None = None, batch_size: int | None = None, **kwargs) -> Samples:
-        """Sample and decode: Samples(images (B, 3, H, W) in [-1, 1], latents (B, h, w, C) bool).
-        Keyword arguments as `sample_latents`."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        latents = self.sample_latents(prompts, class_labels, n, batch_size=batch_size, **kwargs)
-        return Samples(self.decode(latents, batch_size), latents)
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str] | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, output_type: str = "pil",
+                 temperature: float | None = None, class_labels: int | Sequence[int] | None = None,
+                 num_images: int | None = None, height: int | None = None, width: int | None = None,
+                 guidance_interval: Sequence[float] | None = None, batch_size: int | None = None,
+                 image=None, mask_image=None, inpaint: str = "clamp") -> BLDPipelineOutput:
+        """Sample and decode, diffusers-style: BLDPipelineOutput(images, latents, seeds).
+
+        prompt (text models) or class_labels (class models), each repeated
+          num_images_per_prompt times in a row; num_images for an unconditional model.
+        num_inference_steps: S <= T; guidance_scale: 1 + w (1: no guidance); temperature: tau;
+          guidance_interval: [lo, hi]; each defaults to the model's config.diffusion.
+        generator: one torch.Generator (the images' seeds are drawn from it in order), a list of
+          one per image (a seed drawn from each), or None (torch's default generator):
+          `seeds_from_generators`. The seeds are returned; `sample_latents(seed=seeds)`
+          gives the same latents.
+        output_type: "pil" (RGB images), "pt" ((B, 3, H, W) in [0, 1]), "np" ((B, H, W, 3) in
+          [0, 1]) or "latent" (the bits, not decoded).
+        height, width: pixels, multiples of the autoencoder's downsampling (default its resolution).
+        image, mask_image: inpainting (white in the mask = regenerate), `inpaint` clamp | renoise.
+        batch_size: images per sampling and decoding batch (default `default_batch_size`).
+        """
+        check_output_type(output_type)
+        prompts, labels, n = condition_inputs(self.conditioning, prompt, class_labels, num_images,
+                                              num_images_per_prompt)
+        steps = check_steps(num_inference_steps, self.cfg.diffusion.T)
+        w = None if guidance_scale is None else guidance_w(guidance_scale)
+        self.latent_grid(height, width)  # a bad size fails before the generators are drawn from
+        seeds = seeds_from_generators(generator, self._batch_size(prompts, labels, n))
+        latents = self.sample_latents(prompts, labels, n, steps=steps, temperature=temperature, guidance=w,
+                                      guidance_interval=guidance_interval, seed=seeds, batch_size=batch_size,
+                                      init_image=image, mask=mask_image, inpaint=inpaint, height=height, width=width)
+        images = latents if output_type == "latent" else to_output(self.decode(latents, batch_size), output_type)
+        return BLDPipelineOutput(images, latents, seeds)
 
     def save_grid(self, prompts: Sequence[str], path: str | Path, seed: int = 0) -> Path:
         """One image per prompt (text models), or GRID_IMAGES images (class labels 0, 1, ...
         or unconditional), with the config's default steps, tau and w, as one PNG written
-        atomically. Same seed, same grid."""
+        atomically. Same seed, same grid (image i from seed + i)."""
         if self.conditioning in TEXT_MODES:
             if not prompts:
                 raise ValueError("save_grid: a text-conditioned model needs at least one prompt (train.sample_prompts)")
-            out = self(list(prompts), seed=seed)
+            latents = self.sample_latents(list(prompts), seed=seed)
         elif self.conditioning == "class":
-            out = self(class_labels=[i % self.cfg.denoiser.num_classes for i in range(GRID_IMAGES)], seed=seed)
+            latents = self.sample_latents(class_labels=[i % self.cfg.denoiser.num_classes for i in range(GRID_IMAGES)],
+                                          seed=seed)
         else:
-            out = self(n=GRID_IMAGES, seed=seed)
-        return save_png(make_grid(to_pil(out.images)), path)
+            latents = self.sample_latents(n=GRID_IMAGES, seed=seed)
+        return save_png(make_grid(to_pil(self.decode(latents))), path)

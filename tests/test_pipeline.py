@@ -1,5 +1,6 @@
 """BLDPipeline: loading an exported folder, text / class / unconditional sampling, seeds,
-guidance, bf16, inpainting (clamp and renoise), grids; the sample CLI.
+guidance, bf16, inpainting (clamp and renoise), grids; the sample CLI. The diffusers-style
+call and the pipeline folder layout are in test_pretrained.py.
 
 `build_tiny_model` is the shared fixture of the sampling and evaluation tests: a random
 tiny binary autoencoder, latent shards encoded from drawn images, and a tiny denoiser
@@ -143,12 +144,14 @@ def text_model(tmp_path_factory) -> Path:
 
 def test_text_sampling_is_seeded_and_guidance_changes_it(text_model):
     pipe = BLDPipeline.from_pretrained(text_model, device="cpu")
-    out = pipe(["red apple", "grinning face", "a cat"], steps=4, guidance=2.5, seed=3, batch_size=2)
+    prompts = ["red apple", "grinning face", "a cat"]
+    kw = {"num_inference_steps": 4, "batch_size": 2, "output_type": "pt"}
+    out = pipe(prompts, guidance_scale=3.5, generator=torch.Generator().manual_seed(3), **kw)
     assert out.images.shape == (3, 3, RES, RES) and out.latents.shape == (3, 4, 4, 16)
-    assert out.latents.dtype == torch.bool and out.images.min() >= -1 and out.images.max() <= 1
-    again = pipe(["red apple", "grinning face", "a cat"], steps=4, guidance=2.5, seed=3, batch_size=2)
-    assert torch.equal(out.latents, again.latents)
-    unguided = pipe(["red apple", "grinning face", "a cat"], steps=4, guidance=0.0, seed=3, batch_size=2)
+    assert out.latents.dtype == torch.bool and out.images.min() >= 0 and out.images.max() <= 1
+    again = pipe(prompts, guidance_scale=3.5, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(out.latents, again.latents) and torch.equal(out.images, again.images)
+    unguided = pipe(prompts, guidance_scale=1.0, generator=torch.Generator().manual_seed(3), **kw)
     assert not torch.equal(out.latents, unguided.latents)
     # per-image seeds: an image regenerated alone equals its place in the batch
     batch = pipe.sample_latents(["red apple", "blue square"], steps=8, seed=[11, 12])
@@ -161,13 +164,13 @@ def test_class_unconditional_and_pooled_models(tmp_path, tmp_path_factory, condi
     folder = build_tiny_model(shared_root(tmp_path_factory), conditioning, null_cond="learned", train_steps=4)
     pipe = BLDPipeline.from_pretrained(folder, device="cpu")
     if conditioning == "class":
-        out = pipe(class_labels=[0, 3], steps=4, guidance=2.0)
+        out = pipe(class_labels=[0, 3], num_inference_steps=4, guidance_scale=3.0)
         with pytest.raises(ValueError, match="num_classes"):
             pipe(class_labels=[4])
     elif conditioning == "none":
-        out = pipe(n=2, steps=4, guidance=2.0)
+        out = pipe(num_images=2, num_inference_steps=4, guidance_scale=3.0)
     else:
-        out = pipe(["red apple", "grinning face"], steps=4, guidance=2.0)
+        out = pipe(["red apple", "grinning face"], num_inference_steps=4, guidance_scale=3.0)
     assert out.latents.shape == (2, 4, 4, 16)
     grid = pipe.save_grid(["red apple"], tmp_path / "grid.png", seed=1)
     assert Image.open(grid).size[0] > RES
@@ -190,7 +193,7 @@ def test_class_unconditional_and_pooled_models(tmp_path, tmp_path_factory, condi
 
 def test_bf16_sampling(text_model):
     pipe = BLDPipeline.from_pretrained(text_model, device="cpu", dtype=torch.bfloat16)
-    out = pipe(["red apple"], steps=4, guidance=2.5)
+    out = pipe(["red apple"], num_inference_steps=4, guidance_scale=3.5, output_type="pt")
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
 
 
@@ -203,7 +206,8 @@ def test_inpainting_keeps_every_bit_outside_the_mask(text_model, inpaint):
     keep = mask_to_grid(mask, RES, (4, 4)).reshape(4, 4)
     assert keep.sum() == 12  # cells (0..1, 0..1) touch the white square; max-pooling drops them
     known = pipe.autoencoder.encode(torch.from_numpy(np.array(init)).permute(2, 0, 1)[None].float() / 127.5 - 1)
-    out = pipe(["grinning face"] * 3, steps=8, guidance=2.5, seed=0, init_image=init, mask=mask, inpaint=inpaint)
+    out = pipe("grinning face", num_images_per_prompt=3, num_inference_steps=8, guidance_scale=3.5,
+               generator=torch.Generator().manual_seed(0), image=init, mask_image=mask, inpaint=inpaint)
     kept = keep.bool()
     assert torch.equal(out.latents[:, kept], known.expand(3, -1, -1, -1)[:, kept])
     assert not torch.equal(out.latents, known.expand(3, -1, -1, -1))  # the masked part was resampled
@@ -234,10 +238,12 @@ def test_bad_folder_and_config_errors(tmp_path, text_model):
     with pytest.raises(ValueError, match="model.safetensors"):
         BLDPipeline.from_pretrained(broken)
     pipe = BLDPipeline.from_pretrained(text_model, device="cpu")
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer in 1..T=16"):
+        pipe(["x"], num_inference_steps=17)
     with pytest.raises(ValueError, match="steps"):
-        pipe(["x"], steps=17)
-    with pytest.raises(ValueError, match="prompts"):
-        pipe(n=2)
+        pipe.sample_latents(["x"], steps=17)
+    with pytest.raises(ValueError, match="text-conditioned.*pass prompt"):
+        pipe(num_images=2)
 
 
 def test_grid_layout():

@@ -67,7 +67,7 @@ def test_bf16_trains_and_its_ema_averages_the_fp32_masters(tmp_path, tiny_latent
     assert weights.dtype == torch.float32
     assert (weights.bfloat16().float() != weights).float().mean() > 0.5  # fp32 values, not rounded copies
     pipe = BLDPipeline.from_pretrained(tmp_path / "bf16" / "export", device="cpu")
-    out = pipe(["a shirt"], steps=4, seed=0)
+    out = pipe(["a shirt"], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
 
 

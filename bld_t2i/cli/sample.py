@@ -11,7 +11,9 @@ Every flag sets a field of the `sample` config section (`--recipe`, `sample.key=
 `--dry-run` work too); unset sampler settings come from the model's config.diffusion.
 Image i is drawn with its own generator seeded with seed + i, in batches of --batch-size
 (default 32 on a CPU, 64 on a GPU), so `--seed S+i --num-images 1` regenerates image i of a
-run alone, bit for bit. Writes `{i:04d}.png`, `grid.png` and the resolved `sample.json`.
+run alone, bit for bit (these are `BLDPipeline.sample_latents`' w and seeds; in Python,
+`pipe(...)` takes guidance_scale = 1 + w and torch generators). Writes `{i:04d}.png`,
+`grid.png` and the resolved `sample.json`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def main(argv=None) -> None:
     s = cfg.sample
     pipe = BLDPipeline.from_pretrained(s.model, device=pick_device(s.device), dtype=DTYPES[s.dtype], compile=s.compile)
     n = s.num_images
-    out = pipe(
+    # The flags are in the recipes' terms (w, seed + i), as is sample_latents; pipe(...) takes 1 + w and generators.
+    latents = pipe.sample_latents(
         prompts=[s.prompt] * n if s.prompt else None,
         class_labels=[s.class_label] * n if s.class_label is not None else None,
         n=n if not s.prompt and s.class_label is None else None,
@@ -52,8 +55,8 @@ def main(argv=None) -> None:
         seed=s.seed, batch_size=s.batch_size or None,
         init_image=s.init_image or None, mask=s.mask or None, inpaint=s.inpaint,
     )
+    images = to_pil(pipe.decode(latents, s.batch_size or None))
     folder = Path(s.out)
-    images = to_pil(out.images)
     for i, img in enumerate(images):
         save_png(img, folder / f"{i:04d}.png")
     save_png(make_grid(images), folder / "grid.png")

@@ -53,6 +53,9 @@ class Parts:
     export: Callable[[dict, Path], None]  # (consolidated EMA state, folder): rank 0 writes the model files
     export_subdir: str = "."  # where in a checkpoint folder `export` writes them (published as <out>/export)
     export_files: tuple[str, ...] = ()  # the files of that folder to publish; empty: all
+    # (the newest checkpoint's export folder, <out>/export): rank 0 writes the published model
+    # itself (the t2i pipeline folder); None: the export files are copied there
+    publish: Callable[[Path, Path], None] | None = None
     on_sample: Callable[[Path, StatsLogger, dict], None] | None = None  # (checkpoint, logger, record), rank 0
     on_finish: Callable[[Path, StatsLogger, dict], None] | None = None  # after the export, rank 0
     log_extra: Callable[[float], dict] | None = None  # (samples/s) -> extra fields of a log line
@@ -314,7 +317,11 @@ def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path
         latest = parts.checkpointer.latest()
         src = latest / parts.export_subdir
         names = parts.export_files or [f.name for f in src.iterdir()]
-        files.save_folder(out, EXPORT_DIR, lambda tmp: [_copy(src / n, tmp / n) for n in names], point_latest=False)
+        if parts.publish is not None:
+            parts.publish(src, export)
+        else:
+            files.save_folder(out, EXPORT_DIR, lambda tmp: [_copy(src / n, tmp / n) for n in names],
+                              point_latest=False)
         print(f"[{task.name}] done: {state['samples']} samples; model exported to {export}", flush=True)
         if parts.on_finish is not None:
             parts.on_finish(export, logger, {"samples": state["samples"], "step": state["step"]})
