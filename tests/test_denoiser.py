@@ -182,3 +182,40 @@ def test_bad_config_names_the_field():
         Denoiser(DenoiserConfig(null_cond="zeros"), SHAPE, text_dim=8)
     with pytest.raises(ValueError, match="latent shape"):
         make_model("none")(torch.zeros(1, 9, 8), torch.zeros(1), None)
+
+
+@pytest.mark.parametrize("mode", CONDITIONING_MODES)
+def test_any_grid_runs_and_the_training_grid_is_unchanged(mode):
+    """Aspect-ratio buckets: any (h, w) grid of the C bits; the training grid's path is the
+    one without `grid` (bit for bit), and every parameter still takes part on another grid."""
+    gen = torch.Generator().manual_seed(7)
+    model = make_model(mode)
+    z_t, t = inputs(2, gen)
+    cond = make_cond(mode, 2, gen=gen)
+    assert torch.equal(model(z_t, t, cond, grid=SHAPE[:2]), model(z_t, t, cond))
+    assert model.position_embedding() is model.pos_embed
+    for grid in [(2, 8), (8, 2), (3, 5), (1, 1)]:
+        z = torch.randint(0, 2, (2, grid[0] * grid[1], SHAPE[2]), generator=gen).float()
+        model.zero_grad(set_to_none=True)
+        out = model(z, t, cond, grid=grid)
+        assert out.shape == z.shape
+        torch.testing.assert_close(model.denoise(z, t, model.prepare_condition(cond, 2), grid), out, rtol=0, atol=0)
+        out.square().mean().backward()
+        assert not [n for n, p in model.named_parameters() if p.grad is None], grid
+    with pytest.raises(ValueError, match=r"grid \(3, 5\)"):
+        model(torch.zeros(1, 16, SHAPE[2]), torch.zeros(1), make_cond(mode, 1), grid=(3, 5))
+
+
+def test_position_embedding_of_another_grid_is_the_table_resized_bicubically():
+    model = make_model("none")
+    h0, w0, _ = SHAPE
+    D = model.width
+    table = model.pos_embed.detach().reshape(1, h0, w0, D).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(table, size=(3, 6), mode="bicubic", align_corners=False, antialias=True)
+    got = model.position_embedding((3, 6)).detach()
+    assert got.shape == (1, 18, D)
+    torch.testing.assert_close(got, expected.permute(0, 2, 3, 1).reshape(1, 18, D))
+    # the table is the sin-cos of the training grid at init, and a wide grid keeps the row
+    # structure: positions in one row share their row half of the channels
+    wide = model.position_embedding((2, 8))[0].reshape(2, 8, D)
+    assert torch.allclose(wide[:, :1, : D // 2], wide[:, :, : D // 2], atol=1e-5)

@@ -155,3 +155,29 @@ def test_latents_of_another_autoencoder_are_refused(tmp_path, tiny_ae, write_ima
         latent_loader(cfg, 0, other, ae.latent_shape)
     with pytest.raises(ValueError, match=r"\(4, 4, 16\).*\(8, 8, 16\)"):
         latent_loader(cfg, 0, ae.fingerprint, (8, 8, 16))
+
+
+def test_version_1_shards_without_grids_load_as_the_manifests_square(tmp_path):
+    """Shards encoded before aspect-ratio buckets have no {key}.grid: their grid is the
+    manifest's; a sample whose grid does not match its bits, or is not [h, w], is skipped."""
+    from bld_t2i.checkpoint import atomic_write_bytes
+    from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST
+
+    shape, rng = (2, 3, 8), np.random.default_rng(0)
+    bits = rng.random((4, *shape)) > 0.5
+    packed = pack_bits(bits)
+    with TarShardWriter(str(tmp_path / "latents-000000.tar")) as w:
+        for i in range(4):
+            w.write({"__key__": f"k{i}", "bits": packed[i].tobytes(), "txt": b"c"})
+        w.write({"__key__": "wrong", "bits": packed[0].tobytes(), "grid": b"[3, 3]"})
+        w.write({"__key__": "junk", "bits": packed[0].tobytes(), "grid": b"[2]"})
+    manifest = {"format": FORMAT, "version": 1, "autoencoder_fingerprint": "f" * 64, "latent_shape": list(shape),
+                "bit_order": BIT_ORDER}
+    atomic_write_bytes(str(tmp_path / MANIFEST), json.dumps(manifest).encode())
+    cfg = LatentsConfig(shards=str(tmp_path / "latents-000000.tar"), batch_size=8, num_workers=0)
+    loader = latent_loader(cfg, 0, "f" * 64, shape, finite=True)
+    (batch,) = list(loader)
+    assert batch["grid"] == (2, 3) and sorted(batch["key"]) == [f"k{i}" for i in range(4)]
+    order = [int(k[1]) for k in batch["key"]]
+    assert np.array_equal(batch["bits"].numpy(), bits.reshape(4, 6, 8)[order])
+    assert loader.skipped() == {"corrupt_bits": 1, "corrupt_grid": 1}

@@ -7,7 +7,9 @@ Shards are divided among ranks (torchrun / srun environment) and SLURM array tas
 (--array-index/--array-count, default SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT). Rerun
 the same command after a crash: finished shards are skipped. When the recipe's
 `text_encoder` has a kind, captions are also embedded (fp16, trimmed to each caption's real
-length). Every flag sets a field of the `encode` section; the resolved `encode` and
+length). `encode.buckets` (--buckets 256x256,192x320,320x192: "HxW" pixels, multiples of the
+autoencoder's downsampling factor) encodes each image at the bucket nearest its aspect ratio
+instead of square. Every flag sets a field of the `encode` section; the resolved `encode` and
 `text_encoder` sections are saved as `<out>/encode_latents.json`. The format is documented
 in docs/data_formats.md.
 """
@@ -21,7 +23,7 @@ import os
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.config import Flag, entry_config, to_dict, to_sections
 from bld_t2i.data.encode import Encoder, encode_shards
-from bld_t2i.data.images import ImageDecoder
+from bld_t2i.data.images import ImageDecoder, parse_buckets
 from bld_t2i.data.shards import join
 from bld_t2i.distributed import dist_info, pick_device
 from bld_t2i.models.binary_ae import BinaryAutoencoder
@@ -32,7 +34,8 @@ FLAGS = [Flag("--shards", "encode.shards", "image shard URLs, '::'-separated"),
          Flag("--autoencoder", "encode.autoencoder", "exported autoencoder folder"),
          Flag("--out", "encode.out", "latent data set folder, local or s3://"),
          Flag("--batch-size", "encode.batch_size"), Flag("--resolution", "encode.resolution"),
-         Flag("--resize", "encode.resize"), Flag("--min-size", "encode.min_size"), Flag("--dtype", "encode.dtype"),
+         Flag("--resize", "encode.resize"), Flag("--buckets", "encode.buckets", "aspect-ratio buckets HxW,HxW,..."),
+         Flag("--min-size", "encode.min_size"), Flag("--dtype", "encode.dtype"),
          Flag("--device", "encode.device"), Flag("--array-index", "encode.array_index"),
          Flag("--array-count", "encode.array_count")]
 
@@ -53,7 +56,8 @@ def main(argv=None) -> None:
     ae = BinaryAutoencoder.from_pretrained(e.autoencoder, device=device)
     text_encoder = build_text_encoder(cfg.text_encoder, device)
     text_cfg = to_dict(cfg.text_encoder) if text_encoder else None
-    decoder = ImageDecoder(e.resolution or ae.resolution, e.resize, e.min_size)
+    buckets = parse_buckets(e.buckets, ae.arch.downsample)
+    decoder = ImageDecoder(e.resolution or ae.resolution, e.resize, e.min_size, buckets)
     done = encode_shards(e.shards, e.out, Encoder(ae, device, e.dtype, text_encoder), decoder,
                          e.batch_size, rank, world_size, text_cfg)
     if rank == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 
 import numpy as np
@@ -42,28 +43,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def fit(img: Image.Image, size: int, mode: str) -> Image.Image:
-    """Resize to (size, size): `center_crop` (shorter side to size), `pad` (longer side
-    to size, centred on white) or `stretch`."""
+def fit(img: Image.Image, size: int | tuple[int, int], mode: str) -> Image.Image:
+    """Resize to `size`, (size, size) or (H, W): `center_crop` (cover the size, then crop the
+    centre), `pad` (fit inside the size, centred on white) or `stretch`."""
     w, h = img.size
+    H, W = (size, size) if isinstance(size, int) else size
     if mode == "stretch":
-        return img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+        return img.resize((W, H), Image.BICUBIC, reducing_gap=3.0)
     if mode == "center_crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0).crop((left, top, left + size, top + size))
+        scale = max(W / w, H / h)
+        nw, nh = max(W, round(w * scale)), max(H, round(h * scale))
+        left, top = (nw - W) // 2, (nh - H) // 2
+        return img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0).crop((left, top, left + W, top + H))
     if mode == "pad":
-        scale = size / max(w, h)
+        scale = min(W / w, H / h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        canvas = Image.new("RGB", (size, size), WHITE)
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0), ((size - nw) // 2, (size - nh) // 2))
+        canvas = Image.new("RGB", (W, H), WHITE)
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0), ((W - nw) // 2, (H - nh) // 2))
         return canvas
     raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {mode!r}")
 
 
-def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image of (size, size), EXIF orientation applied.
+def parse_buckets(buckets: list[str], factor: int) -> list[tuple[int, int]]:
+    """`encode.buckets` ["256x256", "192x320", ...] ("HxW" pixels) -> [(H, W), ...]; each side a
+    positive multiple of the autoencoder's downsampling `factor`, no bucket twice."""
+    out = []
+    for text in buckets:
+        try:
+            H, W = (int(n) for n in str(text).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"encode.buckets: {text!r} is not 'HxW' (pixels, e.g. '192x320')") from None
+        if H <= 0 or W <= 0 or H % factor or W % factor:
+            raise ValueError(f"encode.buckets: {text!r} must have sides that are positive multiples of the "
+                             f"autoencoder's downsampling factor {factor}")
+        if (H, W) in out:
+            raise ValueError(f"encode.buckets: {text!r} is given twice")
+        out.append((H, W))
+    return out
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (H, W) bucket whose aspect ratio is nearest the image's, in log ratio; ties go to the
+    first listed."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ratio))
+
+
+def open_image(data: bytes, size: int, min_size: int) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image, EXIF orientation applied; a JPEG much larger than
+    `size` is decoded at a reduced scale that stays >= size.
 
     Raises SkipSample with reason zero_byte, corrupt_image, truncated_image or tiny.
     """
@@ -84,7 +112,15 @@ def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Im
         raise SkipSample("corrupt_image") from None
     if min(img.size) < min_size:
         raise SkipSample("tiny")
-    return fit(to_rgb(img), size, resize)
+    return to_rgb(img)
+
+
+def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image of (size, size), EXIF orientation applied.
+
+    Raises SkipSample with reason zero_byte, corrupt_image, truncated_image or tiny.
+    """
+    return fit(open_image(data, size, min_size), size, resize)
 
 
 def image_member(members: dict[str, bytes]) -> bytes:
@@ -115,18 +151,30 @@ def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
 
 
 class ImageDecoder(Decoder):
-    def __init__(self, image_size: int, resize: str, min_image_size: int):
+    """Images of (image_size, image_size), or with `buckets` [(H, W), ...] of the bucket nearest
+    each image's aspect ratio (`nearest_bucket`), fitted to it by `resize`."""
+
+    def __init__(self, image_size: int, resize: str, min_image_size: int, buckets: list[tuple[int, int]] | None = None):
         if resize not in RESIZE_MODES:
             raise ValueError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.image_size, self.resize, self.min_image_size = image_size, resize, min_image_size
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
+
+    def decode(self, data: bytes) -> Image.Image:
+        if self.buckets is None:
+            return decode_image(data, self.image_size, self.resize, self.min_image_size)
+        # a JPEG is decoded no smaller than the longest bucket side: every bucket's fit then shrinks
+        img = open_image(data, max(max(b) for b in self.buckets), self.min_image_size)
+        return fit(img, nearest_bucket(*img.size, self.buckets), self.resize)
 
     def sample(self, raw: RawSample):
         caption, meta = caption_and_meta(raw.members)
-        img = decode_image(image_member(raw.members), self.image_size, self.resize, self.min_image_size)
+        img = self.decode(image_member(raw.members))
         label = meta.get("label")
         return np.asarray(img, dtype=np.uint8), caption, raw.key, label if isinstance(label, int) else -1, meta
 
     def collate(self, items: list) -> dict:
+        """Images of one size (the loader's batches: no buckets); encoding batches by bucket itself."""
         arrays, captions, keys, labels, metas = zip(*items)
         return {"image": images_to_tensor(list(arrays)), "caption": list(captions), "key": list(keys),
                 "label": torch.tensor(labels, dtype=torch.long), "json": list(metas)}

@@ -1,17 +1,21 @@
-"""Bit-packed latent shards (format version 1) and the latent loader.
+"""Bit-packed latent shards (format version 2; version 1 reads too) and the latent loader.
 
 A latent data set is a folder (local or ``s3://``) with ``manifest.json`` and tar shards
 ``latents-000000.tar, ...``; see docs/data_formats.md. Per sample:
 
 - ``{key}.bits``: ``np.packbits`` of the (h, w, C) bits flattened in C order, most
   significant bit first (numpy's default big-endian bit order), ``ceil(h*w*C / 8)`` bytes;
+- ``{key}.grid``: its latent grid, JSON ``[h, w]`` (version 2; aspect-ratio buckets give
+  each sample the grid of its bucket). A version 1 sample has none: its grid is the
+  manifest's ``latent_shape[:2]``;
 - ``{key}.txt`` caption, ``{key}.json`` metadata (the image shard's, with ``label``);
 - optionally ``{key}.emb.npy``: (N, D) float16 text-encoder tokens trimmed to the
   caption's real length.
 
-The null caption's embedding is stored once per data set (``null_emb.npy``). Batches:
-``bits`` uint8 (B, h*w, C) of 0/1, ``caption``, ``key``, ``label``, ``json`` as for
-images; with embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
+The null caption's embedding is stored once per data set (``null_emb.npy``). Batches hold
+samples of one grid (the stream's buckets, data/stream.py): ``bits`` uint8 (B, h*w, C) of
+0/1, ``grid`` (h, w) ints, ``caption``, ``key``, ``label``, ``json`` as for images; with
+embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
 (models.text_encoders.condition_from_embeddings turns them into a condition).
 """
 
@@ -29,7 +33,8 @@ from bld_t2i.data.shards import RawSample, expand_urls, join, read_bytes
 from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
 
 FORMAT = "bld-latents"
-VERSION = 1
+VERSION = 2  # 2: per-sample grids ({key}.grid) and the manifest's buckets and grid counts
+READ_VERSIONS = (1, 2)
 BIT_ORDER = "np.packbits over the (h, w, C) bits flattened in C order, most significant bit first"
 MANIFEST = "manifest.json"
 NULL_EMBEDDING = "null_emb.npy"
@@ -60,8 +65,8 @@ def read_manifest(folder: str) -> dict:
         raise FileNotFoundError(
             f"latent manifest not found: {url} (encode_latents.py writes it when every shard is done)"
         ) from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{url}: not a {FORMAT} v{VERSION} manifest "
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READ_VERSIONS:
+        raise ValueError(f"{url}: not a {FORMAT} manifest of version {' or '.join(map(str, READ_VERSIONS))} "
                          f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
     return manifest
 
@@ -91,16 +96,31 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def grid_member(data: bytes | None, default: tuple[int, int]) -> tuple[int, int]:
+    """A sample's `{key}.grid` JSON [h, w] -> (h, w); `default` (the manifest's) when absent."""
+    if data is None:
+        return default
+    try:
+        h, w = json.loads(data.decode())
+    except (ValueError, TypeError):
+        raise SkipSample("corrupt_grid") from None
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        raise SkipSample("corrupt_grid")
+    return h, w
+
+
 class LatentDecoder(Decoder):
+    """Latent samples of any grid of C bits; the stream batches them by grid (`bucket`)."""
+
     def __init__(self, latent_shape, use_embeddings: bool):
         self.latent_shape = tuple(latent_shape)
-        self.nbytes = packed_size(latent_shape)
         self.use_embeddings = use_embeddings
 
     def sample(self, raw: RawSample):
         m = raw.members
+        grid = grid_member(m.get("grid"), self.latent_shape[:2])
         bits = m.get("bits")
-        if bits is None or len(bits) != self.nbytes:
+        if bits is None or len(bits) != packed_size((*grid, self.latent_shape[2])):
             raise SkipSample("corrupt_bits")
         caption = m.get("txt", b"").decode("utf-8", "replace")
         try:
@@ -108,23 +128,27 @@ class LatentDecoder(Decoder):
         except ValueError:
             raise SkipSample("corrupt_json") from None
         label = meta.get("label")
-        item = [bits, caption, raw.key, label if isinstance(label, int) else -1, meta]
+        item = [bits, caption, raw.key, label if isinstance(label, int) else -1, meta, grid]
         if self.use_embeddings:
             if "emb.npy" not in m:
                 raise SkipSample("missing_embedding")
             item.append(load_npy(m["emb.npy"]))
         return item
 
+    def bucket(self, item) -> tuple[int, int]:
+        return item[5]
+
     def collate(self, items: list) -> dict:
         columns = list(zip(*items))
+        grid = columns[5][0]  # one grid per batch (the stream's buckets)
         # The batch crosses the worker -> trainer process boundary as numpy arrays, pickled by
         # value: packed bits are 8x fewer bytes than unpacked, and a 0.5 MiB copy is cheaper
         # than a shared-memory segment per tensor. `finish` unpacks and makes tensors.
-        packed = np.frombuffer(bytearray().join(columns[0]), np.uint8).reshape(len(items), self.nbytes)
-        batch = {"bits": packed, "caption": list(columns[1]), "key": list(columns[2]),
+        packed = np.frombuffer(bytearray().join(columns[0]), np.uint8).reshape(len(items), -1)
+        batch = {"bits": packed, "grid": grid, "caption": list(columns[1]), "key": list(columns[2]),
                  "label": np.array(columns[3], np.int64), "json": list(columns[4])}
         if self.use_embeddings:
-            embs = columns[5]
+            embs = columns[6]
             n = max(e.shape[0] for e in embs)
             emb = np.zeros((len(embs), n, embs[0].shape[1]), np.float16)
             mask = np.zeros((len(embs), n), bool)
@@ -134,7 +158,7 @@ class LatentDecoder(Decoder):
         return batch
 
     def finish(self, batch: dict) -> dict:
-        batch["bits"] = unpack_bits(batch["bits"], self.latent_shape)
+        batch["bits"] = unpack_bits(batch["bits"], (*batch["grid"], self.latent_shape[2]))
         for name in ("bits", "label", "emb", "emb_mask"):
             if name in batch:
                 batch[name] = torch.from_numpy(batch[name])

@@ -12,21 +12,26 @@ Position. A worker's position is ``(epoch, shard, offset, window, emitted)``: it
 shuffle window starts at byte ``offset`` of the ``shard``-th piece of its epoch and
 ``emitted`` of the window's samples are out. A piece is ``(url, start byte)``: a whole shard
 (start 0) unless an elastic resume cut it. A worker's saved state is its position, its skip
-counts and its ``plan``: the explicit pieces of the epochs an elastic resume re-dealt.
+counts, its ``plan``: the explicit pieces of the epochs an elastic resume re-dealt, and its
+``pending`` samples (bucketed batches, data/stream.py): read, waiting in a bucket, delivered
+by whichever slot inherits them.
 
 Resume. The trainer saves every rank's ``state_dict()`` and hands the whole list back.
 With the same slot count each new slot takes over the saved slot of the same number
 (its shards, position and window RNG): the epoch continues exactly, nothing is delivered
 twice; with the same ranks and workers too, the batch sequence is bit-identical. With
 another slot count the epochs still open (from the earliest epoch of any saved slot to the
-latest) are re-planned: the remaining work of epoch ``e`` is, slot by slot in order, the
+latest) are re-planned (each saved slot's pending samples move along, like its skip
+counts, to new slot ``s % new_slots``, but for those of its open window, which is read
+again): the remaining work of epoch ``e`` is, slot by slot in order, the
 saved slot's pieces of ``e`` it has not reached, its current piece from its open window's
 offset on, nothing for a slot already past ``e``, and they are dealt round-robin to the new
 slots; later epochs use the new slot count. Every sample of those epochs not yet
 delivered is delivered exactly once. Bound: the samples already delivered from each
 saved slot's open window (``emitted``, at most ``shuffle_window - 1`` per slot, so at most
 ``N * W * (shuffle_window - 1)`` for a checkpoint of N ranks x W workers, precisely the
-sum of the saved ``emitted``) are delivered again; nothing else is.
+sum of the saved ``emitted`` less the open windows' pending samples) are delivered again;
+nothing else is.
 """
 
 from __future__ import annotations
@@ -122,6 +127,12 @@ def saved_slots(states: list[dict]) -> list[dict]:
     return [s["workers"].get(str(w), {"skipped": {}}) for s in states for w in range(s["num_workers"])]
 
 
+def open_window_pending(state: dict) -> list[list]:
+    """The pending samples of a saved worker state that lie in its open shuffle window."""
+    pos = position_of(state)
+    return [r for r in state.get("pending", []) if (r[2], r[3]) == (pos.epoch, pos.window)]
+
+
 def describe_resume(states: list[dict], world_size: int, num_workers: int) -> str | None:
     """A line for the trainer's log when `states` come from another layout; None for the same one."""
     states = _check_states(states)
@@ -131,7 +142,7 @@ def describe_resume(states: list[dict], world_size: int, num_workers: int) -> st
     line = f"resuming a {n} rank x {w} worker data position on {world_size} rank(s) x {num_workers} worker(s)"
     if n * w == world_size * num_workers:
         return line + " (same slot count: each slot continues exactly)"
-    again = sum(position_of(s).emitted for s in saved_slots(states))
+    again = sum(position_of(s).emitted - len(open_window_pending(s)) for s in saved_slots(states))
     return line + (f" ({n * w} -> {world_size * num_workers} slots: the open epochs' remaining shards are "
                    f"re-dealt; {again} sample(s) of open shuffle windows are delivered again)")
 
@@ -157,9 +168,16 @@ def _replan(slots_saved: list[dict], urls, seed: int, resampled: bool, new_slots
         for t in range(new_slots):
             plans[t][str(epoch)] = [list(p) for p in remaining[t::new_slots]]
     skipped = [Counter() for _ in range(new_slots)]
+    pending: list[list] = [[] for _ in range(new_slots)]
     for slot, state in enumerate(slots_saved):  # the counts move along, so their sum over ranks is kept
         skipped[slot % new_slots].update(state.get("skipped", {}))
-    return [{"epoch": first, "skipped": dict(skipped[t]), "plan": plans[t]} for t in range(new_slots)]
+        reread = open_window_pending(state)  # so do the waiting samples, but for the open window's: it is read again
+        pending[slot % new_slots] += [r for r in state.get("pending", []) if r not in reread]
+    states = [{"epoch": first, "skipped": dict(skipped[t]), "plan": plans[t]} for t in range(new_slots)]
+    for state, waiting in zip(states, pending):
+        if waiting:
+            state["pending"] = waiting
+    return states
 
 
 def restore(states, rank: int, world_size: int, num_workers: int, urls, seed: int, resampled: bool):

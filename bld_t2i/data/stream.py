@@ -9,13 +9,17 @@ emits it. A window may span shards; windows restart with each epoch. Restoring s
 straight to the window's byte offset and re-reads that one window (raw bytes; the
 ``emitted`` samples are not decoded again): at most ``shuffle_window`` samples of I/O.
 
-Storage faults. A read that fails with a transient error (after s3fs's and botocore's own
-retries: a reset connection, a 5xx, a timeout) is retried ``read_retries`` times with
-exponential backoff from ``retry_backoff_s`` capped at ``retry_max_backoff_s``, reopening
-the shard at the end of the last whole sample; then the rest of the shard is skipped for
-this epoch ("read_error"). A shard that is gone (FileNotFoundError) or forbidden is not
-retried. Both are counted, logged with the URL and listed by `failed_shards()`; a
-worker whose whole epoch gives nothing usable stops with an error naming them.
+Buckets. A batch holds samples of one bucket (`Decoder.bucket`: a latent's grid, for
+aspect-ratio buckets; images and square latents have one). Each bucket fills its own batch
+in arrival order, and a batch goes out when its bucket is full. A worker's position then
+also lists its ``pending`` samples, read before the position but waiting in other buckets,
+as (shard index, byte offset, epoch, window): a resume re-reads just those samples (at most
+``buckets x (batch_size - 1)`` of I/O) and rebuilds the buckets, so nothing is lost or
+repeated, and the batch sequence stays bit-identical. With one bucket nothing ever waits.
+
+Storage faults: see `bld_t2i.data.reader` (retries with backoff, then the rest of the shard
+is skipped for the epoch); a worker whose whole epoch gives nothing usable stops with an
+error naming the failed shards.
 
 Order. Loaders are infinite (epochs roll over inside each worker), so every torch
 DataLoader worker always has a next batch and DataLoader's round-robin is deterministic:
@@ -28,11 +32,9 @@ logical worker. A finite mode (one epoch, last batch partial) serves encoding an
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -48,7 +50,8 @@ from bld_t2i.data.plan import (
     shard_list_digest,
     slot_pieces,
 )
-from bld_t2i.data.shards import RawSample, ShardError, check_exist, expand_urls, iter_samples, open_shard
+from bld_t2i.data.reader import Retry, ShardReader
+from bld_t2i.data.shards import RawSample, check_exist, expand_urls
 from bld_t2i.distributed import dist_info
 
 log = logging.getLogger("bld_t2i.data")
@@ -60,75 +63,6 @@ class SkipSample(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-class Retry(NamedTuple):
-    retries: int  # failed reads of a shard in a row before the rest of it is skipped
-    backoff_s: float  # the first wait; it doubles with each retry
-    max_backoff_s: float
-
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """What a storage hiccup raises through fsspec/s3fs: s3fs turns S3's 5xx answers into
-    OSError, but a refused or reset connection comes as a botocore or aiohttp exception."""
-    errors: list[type[BaseException]] = [OSError, TimeoutError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        errors += [BotoCoreError, ClientError]
-    except ImportError:  # no S3 support installed: local files only
-        pass
-    try:
-        from aiohttp import ClientError as HttpError
-
-        errors.append(HttpError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-class ShardReader:
-    """Reads one shard from a byte offset, surviving storage faults; counts what it skips into
-    `skipped` and appends storage failures, (url, reason), to `failed`."""
-
-    def __init__(self, retry: Retry, skipped: Counter, failed: list[tuple[str, str]]):
-        self.retry, self.skipped, self.failed = retry, skipped, failed
-        self.transient = transient_errors()
-
-    def __call__(self, url: str, offset: int) -> Iterator[RawSample]:
-        attempt, at, empty = 0, offset, True
-        while True:
-            try:
-                with open_shard(url) as f:
-                    for sample in iter_samples(f, url, at):
-                        attempt, at, empty = 0, sample.end, False  # progress: the retry budget restarts
-                        yield sample
-                if empty and offset == 0:
-                    self.skipped["empty_shard"] += 1
-                    log.warning("shard without samples: %s", url)
-                return
-            except ShardError as e:
-                self.skipped[e.reason] += 1
-                log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
-                return
-            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-                # The storage answered: waiting would not bring the shard back.
-                self._fail(url, "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard", e)
-                return
-            except self.transient as e:
-                if attempt >= self.retry.retries:
-                    self._fail(url, "read_error", e)
-                    return
-                wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
-                attempt += 1
-                log.warning("read error in %s at byte %d (%s: %s); retry %d of %d in %.2f s",
-                            url, at, type(e).__name__, e, attempt, self.retry.retries, wait)
-                time.sleep(wait)
-
-    def _fail(self, url: str, reason: str, e: BaseException) -> None:
-        self.skipped[reason] += 1
-        self.failed.append((url, reason))
-        log.warning("skipping shard %s for this epoch (%s): %s: %s", url, reason, type(e).__name__, e)
 
 
 def _raw_stream(pieces: list[Piece], pos: Position, read) -> Iterator[tuple[int, RawSample]]:
@@ -181,6 +115,41 @@ class Decoder:
     def finish(self, batch: dict) -> dict:
         return batch
 
+    def bucket(self, item):
+        """The key of the batches `item` may join (a latent's grid); one bucket when None."""
+        return None
+
+
+class Buckets:
+    """Decoded samples waiting for their bucket's batch to fill, each with its reference (shard
+    index, byte offset of the raw sample, epoch, window it was read in); `pending` lists those
+    in arrival order."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.waiting: dict = {}  # bucket key -> [(arrival, reference, item)]; keys by oldest item
+        self.arrivals = 0
+
+    def add(self, key, ref: tuple[int, ...], item) -> list | None:
+        """Buffer `item`; returns its bucket's items when they make a full batch."""
+        bucket = self.waiting.setdefault(key, [])
+        bucket.append((self.arrivals, ref, item))
+        self.arrivals += 1
+        if len(bucket) < self.batch_size:
+            return None
+        del self.waiting[key]
+        return [entry[2] for entry in bucket]
+
+    def pending(self) -> list[list[int]]:
+        """[[shard index, offset, epoch, window], ...] of every waiting sample, oldest first:
+        re-adding them in this order rebuilds the same buckets in the same order."""
+        return [list(ref) for _, ref, _ in sorted((e for b in self.waiting.values() for e in b), key=lambda e: e[0])]
+
+    def drain(self) -> Iterator[list]:
+        """The partial batches (a finite stream's end), oldest bucket first."""
+        while self.waiting:
+            yield [entry[2] for entry in self.waiting.pop(next(iter(self.waiting)))]
+
 
 class ShardDataset(IterableDataset):
     """Batches from the shards of this rank; each worker plays a logical worker role.
@@ -190,6 +159,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, spec: str, decoder: Decoder, cfg, seed: int, rank: int, world_size: int, finite: bool):
         super().__init__()
         self.urls = expand_urls(spec)
+        self.shard_index = {url: i for i, url in enumerate(self.urls)}  # a waiting sample's shard, by number
         self.digest = shard_list_digest(self.urls)  # saved with the position: a resume must see the same list
         self.spec = spec
         self.decoder = decoder
@@ -214,11 +184,12 @@ class ShardDataset(IterableDataset):
         saved = self.resume.get(str(worker), {})
         pos, planned = position_of(saved), set(plan_of(saved))
         skipped, failed = Counter(saved.get("skipped", {})), []
-        items, at = [], pos
+        at = pos
         # A full epoch without one usable sample would spin forever: an error instead of a hang
         # (resampled: once every shard of the data set was drawn in such epochs).
         full_epoch, used, barren = pos == Position(pos.epoch) and pos.epoch not in planned, 0, set()
         read = ShardReader(self.retry, skipped, failed)
+        buckets = self._restore_buckets(saved.get("pending", []), read)
         stream = sample_stream(self.pieces_of(saved, slot), read, self.seed, slot, self.window, pos, self.finite)
         for raw, at in stream:
             if raw is None:
@@ -229,18 +200,33 @@ class ShardDataset(IterableDataset):
                 full_epoch, used = at.epoch not in planned, 0
                 continue
             try:
-                items.append(self.decoder.sample(raw))
+                item = self.decoder.sample(raw)
                 used += 1
             except SkipSample as e:
                 if e.reason not in skipped:  # the first of each kind is logged; all are counted
                     log.warning("skipping sample %s in %s: %s (further ones counted)", raw.key, raw.url, e.reason)
                 skipped[e.reason] += 1
-            if len(items) == self.batch_size:
-                yield self._batch(items, worker, at, skipped, failed)
-                items = []
+                continue
+            window = at.window if at.emitted else at.window - 1  # `at` is the position after the sample
+            ref = (self.shard_index[raw.url], raw.offset, at.epoch, window)
+            items = buckets.add(self.decoder.bucket(item), ref, item)
+            if items is not None:
+                yield self._batch(items, worker, at, skipped, failed, buckets.pending())
                 failed.clear()  # in place: the reader appends to this list
-        if items:
-            yield self._batch(items, worker, at, skipped, failed)
+        for items in buckets.drain():
+            yield self._batch(items, worker, at, skipped, failed, buckets.pending())
+
+    def _restore_buckets(self, pending: list, read: ShardReader) -> Buckets:
+        """The buckets as saved: each waiting sample re-read alone from its byte offset."""
+        buckets = Buckets(self.batch_size)
+        for ref in pending:
+            samples = read(self.urls[ref[0]], ref[1])
+            raw = next(samples, None)  # None: the shard is gone since (the reader counted it)
+            samples.close()
+            if raw is not None:
+                item = self.decoder.sample(raw)  # decoded once already: no SkipSample
+                buckets.add(self.decoder.bucket(item), tuple(ref), item)
+        return buckets
 
     def _check_barren(self, barren: set, epoch: int, slot: int, worker: int, skipped: Counter, failed: list) -> None:
         slots = self.world_size * self.num_workers
@@ -250,10 +236,12 @@ class ShardDataset(IterableDataset):
             raise RuntimeError(f"rank {self.rank} loader worker {worker}: a whole epoch of its shards gave no usable "
                                f"sample (skipped: {dict(skipped)}); failed reads: {failed}; shards: {shards}")
 
-    def _batch(self, items, worker, at: Position, skipped: Counter, failed: list) -> dict:
+    def _batch(self, items, worker, at: Position, skipped: Counter, failed: list, pending: list) -> dict:
         batch = self.decoder.collate(items)
         # `failed` holds the failures since the last batch: a flaky store must not grow every batch.
         batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped), "failed": list(failed)}
+        if pending:  # samples of other buckets read before `at`, not yet delivered
+            batch["_position"]["pending"] = pending
         return batch
 
 

@@ -1,22 +1,33 @@
 """The denoising transformer T_theta(z_t, t, c) -> flip logits (docs/math.md (D)).
 
 Bits {0,1} -> +-1 -> a bias-free linear map C -> D, plus a trainable 2-D sin-cos position
-embedding; the time t/T becomes one extra token (sinusoid -> MLP). The condition enters in
-one of four ways, `cfg.conditioning`:
+embedding, learned for the training grid `latent_shape[:2]` and resized bicubically for any
+other (h, w) grid (aspect-ratio buckets, docs/math.md (D1)). The condition enters in one of
+four ways, `cfg.conditioning`:
 
   cross_attn    every block cross-attends to the projected text tokens (the default: one
                 pooled token is weak for text-to-image at scale, docs/math.md (D))
-  pooled_token  one extra token, a linear projection of the pooled text vector (the authors')
-  class         one extra token from a class embedding; label `num_classes` is the null class
+  pooled_token  a linear projection of the pooled text vector (the authors')
+  class         a class embedding; label `num_classes` is the null class
   none          unconditional
+
+and the time t/T (sinusoid -> MLP) in one of two, `cfg.time_cond`:
+
+  token         one extra token, and pooled_token / class one more (the authors')
+  adaln_zero    adaLN-Zero (DiT, docs/math.md (D2)): c = time embedding [+ the class or
+                pooled-text embedding] sets a shift, scale and gate of every block's attention
+                and MLP branch, zero-initialised so each block starts as the identity, and a
+                final shift and scale before the head; no extra tokens. cross_attn: c is the
+                time alone, the text comes in by cross-attention (PixArt-alpha)
 
 Pre-LN blocks with bidirectional multi-head attention (`scaled_dot_product_attention`) and a
 4x GELU MLP; a final LayerNorm and a linear D -> C head give one flip logit per bit, the
 logit of z_0 xor z_t (docs/math.md (5)).
 
 The condition's share of the work that no sampling step changes (every block's keys and
-values of the text tokens, or the condition token) is `prepare_condition`; `denoise` takes
-it, so a sampler computes it once per call instead of at each of the S steps.
+values of the text tokens, the condition token or vector) is `prepare_condition`; `denoise`
+takes it, so a sampler computes it once per call instead of at each of the S steps. The
+adaLN modulation depends on t, so `denoise` computes it.
 
 Every parameter takes part in every forward pass, in every mode, so ZeRO and DDP never meet
 an unused parameter (docs/math.md, where we differ, 5). Constructors make no CUDA calls.
@@ -24,14 +35,20 @@ an unused parameter (docs/math.md, where we differ, 5). Constructors make no CUD
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bld_t2i.config import DenoiserConfig
+from bld_t2i.models.denoiser_blocks import (
+    Block,
+    adaln_modulation,
+    modulate,
+    resize_pos_embed,
+    sincos_2d,
+    timestep_embedding,
+)
 
 # name: (depth, width D, heads). The grid (16x16 at 256px, 32x32 at 1024px) and the bits C
 # come from the latent shape, not from the preset.
@@ -48,85 +65,14 @@ DENOISER_PRESETS: dict[str, tuple[int, int, int]] = {
 CONDITIONING_MODES = ("cross_attn", "pooled_token", "class", "none")
 TEXT_MODES = ("cross_attn", "pooled_token")
 NULL_CONDS = ("empty_caption", "learned")
-
-
-def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
-    """2-D sin-cos position embedding (MAE/DiT): half the channels encode the row, half the column.
-
-    Returns (h*w, dim), row-major like the latent's L = h*w positions.
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    parts = []
-    for pos in (rows.reshape(-1), cols.reshape(-1)):
-        angle = pos[:, None] * omega[None]  # (L, dim/4)
-        parts += [angle.sin(), angle.cos()]
-    return torch.cat(parts, dim=1).float()  # (L, dim)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t = t/T in [0, 1]: (B,) -> (B, dim) float32.
-
-    t/T is scaled by 1000 first: the frequencies span periods 1..max_period, laid out for
-    step counts in the hundreds (DDPM), and would barely turn over a unit interval.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angle = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([angle.cos(), angle.sin()], dim=1)
-    return F.pad(emb, (0, dim % 2))
-
-
-class Attention(nn.Module):
-    """Multi-head attention of x over its own tokens, or over precomputed context keys and values."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def keys_values(self, ctx: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) tokens -> their keys and values (B, 2, H, N, D/H)."""
-        B, N, D = ctx.shape
-        return self.kv(ctx).view(B, N, 2, self.heads, D // self.heads).permute(0, 2, 3, 1, 4)
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, S, D = x.shape  # (B, S, D) queries
-        kv = self.keys_values(x) if kv is None else kv  # (B, 2, H, N, D/H); self-attention when None
-        q = self.q(x).view(B, S, self.heads, D // self.heads).transpose(1, 2)  # (B, H, S, D/H)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N), True = attend
-        # SDPA picks the flash kernel (no mask: self-attention) or the memory-efficient one
-        # (a boolean mask: cross-attention) on a GPU, its fused CPU kernels on a CPU.
-        out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=attn_mask)  # (B, H, S, D/H)
-        return self.proj(out.transpose(1, 2).reshape(B, S, D))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: self-attention, [cross-attention to text,] 4x GELU MLP."""
-
-    def __init__(self, dim: int, heads: int, cross_attn: bool):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim) if cross_attn else None
-        self.cross = Attention(dim, heads) if cross_attn else None
-        self.norm3 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor, ctx_kv: torch.Tensor | None, ctx_mask: torch.Tensor | None) -> torch.Tensor:
-        """ctx_kv: this block's keys and values of the text tokens, (B, 2, H, N, D/H)."""
-        x = x + self.attn(self.norm1(x))
-        if self.cross is not None:
-            x = x + self.cross(self.norm2(x), ctx_kv, ctx_mask)
-        return x + self.mlp(self.norm3(x))
+TIME_CONDS = ("token", "adaln_zero")
 
 
 class Denoiser(nn.Module):
-    """T_theta(z_t, t, c): (B, L, C) bits, (B,) t/T, condition -> (B, L, C) flip logits.
+    """T_theta(z_t, t, c): (B, h*w, C) bits, (B,) t/T, condition -> (B, h*w, C) flip logits.
+
+    `grid` (h, w) of forward and denoise: the latent grid of z_t, row-major; None is the
+    training grid `latent_shape[:2]`.
 
     `cond` by `cfg.conditioning`:
       cross_attn, pooled_token: {"tokens": (B, N, text_dim), "mask": (B, N) bool, "pooled":
@@ -148,6 +94,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"denoiser.null_cond: unknown '{cfg.null_cond}'; one of {NULL_CONDS}")
         if cfg.conditioning == "class" and cfg.num_classes <= 0:
             raise ValueError("denoiser.conditioning 'class' needs denoiser.num_classes > 0")
+        if cfg.time_cond not in TIME_CONDS:
+            raise ValueError(f"denoiser.time_cond: unknown '{cfg.time_cond}'; one of {TIME_CONDS}")
         self.cfg = cfg
         self.latent_shape = tuple(latent_shape)
         self.text_dim = text_dim
@@ -158,6 +106,7 @@ class Denoiser(nn.Module):
         h, w, C = self.latent_shape
         mode = cfg.conditioning
         learned_null = mode in TEXT_MODES and cfg.null_cond == "learned"
+        self.adaln = cfg.time_cond == "adaln_zero"
 
         self.x_embed = nn.Linear(C, width, bias=False)  # +-1 bits -> D
         self.pos_embed = nn.Parameter(sincos_2d(h, w, width)[None])  # (1, L, D), trainable
@@ -170,10 +119,12 @@ class Denoiser(nn.Module):
         # token for cross-attention, one pooled vector for the pooled token.
         self.null_tokens = nn.Parameter(torch.zeros(1, text_dim)) if learned_null and mode == "cross_attn" else None
         self.null_pooled = nn.Parameter(torch.zeros(text_dim)) if learned_null and mode == "pooled_token" else None
-        self.blocks = nn.ModuleList(Block(width, heads, cross_attn=mode == "cross_attn") for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(Block(width, heads, mode == "cross_attn", self.adaln) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6) if self.adaln else nn.LayerNorm(width)
+        self.final_modulation = adaln_modulation(width, 2) if self.adaln else None  # shift, scale before the head
         self.head = nn.Linear(width, C)
-        self.n_extra = 1 + (mode in ("pooled_token", "class"))  # time token [+ condition token]
+        # time token [+ condition token]; none with adaLN
+        self.n_extra = 0 if self.adaln else 1 + (mode in ("pooled_token", "class"))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -194,6 +145,13 @@ class Denoiser(nn.Module):
         # (tests/test_toy_fit.py), 1,200 steps, 4 seeds: 92-96% exact patterns; 58-71% with
         # xavier everywhere, 85-91% with only the head small.
         small = [self.head] + [m for b in self.blocks for m in (b.attn.proj, b.cross and b.cross.proj, b.mlp[2]) if m]
+        if self.adaln:
+            # adaLN-Zero (DiT): zero modulation, so every gate is 0 and each block the identity at
+            # init; the gates, not small weights, keep the attention and MLP branches quiet.
+            small = [self.head] + [b.cross.proj for b in self.blocks if b.cross is not None]
+            for m in [b.modulation[1] for b in self.blocks] + [self.final_modulation[1]]:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
         for m in small:
             nn.init.normal_(m.weight, std=0.02)
 
@@ -219,14 +177,15 @@ class Denoiser(nn.Module):
             mask = torch.where(null, null_mask, mask)
         return self.text_proj(tokens), mask
 
-    def _condition_token(self, cond: dict | None, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """The extra token (B, 1, D) of the pooled_token and class modes."""
+    def _condition_vector(self, cond: dict | None, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The embedding (B, D) of the pooled_token and class modes: their extra token, or their
+        share of the adaLN conditioning vector."""
         if self.cfg.conditioning == "class":
-            return self.class_embed(cond["label"])[:, None]
+            return self.class_embed(cond["label"])
         pooled = cond["pooled"].to(dtype)  # (B, text_dim)
         if self.null_pooled is not None:
             pooled = torch.where(self._null_flags(cond, batch_size, pooled.device), self.null_pooled.to(dtype), pooled)
-        return self.pooled_proj(pooled)[:, None]
+        return self.pooled_proj(pooled)
 
     def null_condition(self, batch_size: int, device: torch.device | str, empty_caption: dict | None = None) -> dict | None:
         """The condition that classifier-free guidance drops to (docs/math.md (9)).
@@ -259,8 +218,9 @@ class Denoiser(nn.Module):
         """What the blocks read of the condition, which no step of sampling changes.
 
         cross_attn: {"kv": [(B, 2, H, N, D/H) per block], "mask": (B, N)}, every block's keys
-          and values of the projected text tokens; pooled_token, class: {"token": (B, 1, D)};
-          none: None. Sampling computes this once per call (for the condition and for the
+          and values of the projected text tokens; pooled_token, class: {"token": (B, 1, D)},
+          with adaLN {"vec": (B, D)}, the condition's share of the conditioning vector;
+          none: None. Every tensor is batched on dim 0. Sampling computes this once per call (for the condition and for the
           null) and passes it to `denoise` at every step; `forward` computes it each pass.
         """
         mode = self.cfg.conditioning
@@ -271,35 +231,62 @@ class Denoiser(nn.Module):
             ctx, mask = self._text_context(cond, batch_size, dtype)  # (B, N, D), (B, N)
             return {"kv": [block.cross.keys_values(ctx) for block in self.blocks], "mask": mask}
         if mode in ("pooled_token", "class"):
-            return {"token": self._condition_token(cond, batch_size, dtype)}
+            vec = self._condition_vector(cond, batch_size, dtype)  # (B, D)
+            return {"vec": vec} if self.adaln else {"token": vec[:, None]}
         return None
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        return self.denoise(z_t, t, self.prepare_condition(cond, z_t.shape[0]))
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.denoise(z_t, t, self.prepare_condition(cond, z_t.shape[0]), grid)
 
-    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, prepared: dict | None) -> torch.Tensor:
-        """T_theta with the condition already prepared (`prepare_condition`) -> (B, L, C) flip logits."""
-        B, L, C = z_t.shape  # (B, L, C) float 0/1
-        if (L, C) != (self.latent_shape[0] * self.latent_shape[1], self.latent_shape[2]):
-            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {L}, {C}) for latent shape "
-                             f"{self.latent_shape}")
+    def grid_of(self, grid: tuple[int, int] | None) -> tuple[int, int]:
+        """The (h, w) latent grid: `grid`, or the training grid for None."""
+        if grid is None:
+            return self.latent_shape[0], self.latent_shape[1]
+        h, w = (int(n) for n in grid)
+        if h < 1 or w < 1:
+            raise ValueError(f"grid must be (h, w) with h, w >= 1; got {tuple(grid)}")
+        return h, w
+
+    def position_embedding(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(1, h*w, D): the learned table for the training grid, resized for another (docs/math.md (D1))."""
+        return resize_pos_embed(self.pos_embed, self.latent_shape[:2], self.grid_of(grid))
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, prepared: dict | None,
+                grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """T_theta with the condition already prepared (`prepare_condition`) -> (B, h*w, C) flip logits."""
+        B, L, C = z_t.shape  # (B, L, C) float 0/1, L = h*w
+        h, w = self.grid_of(grid)
+        if (L, C) != (h * w, self.latent_shape[2]):
+            raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {h * w}, "
+                             f"{self.latent_shape[2]}) for the grid {(h, w)} (latent shape {self.latent_shape})")
         dtype = self.x_embed.weight.dtype
-        x = self.x_embed(z_t.to(dtype) * 2 - 1) + self.pos_embed.to(dtype)  # (B, L, D)
-        extra = [self.t_embed(timestep_embedding(t, self.width).to(dtype))[:, None]]  # time token (B, 1, D)
-        if prepared is not None and "token" in prepared:
-            extra.append(prepared["token"])  # condition token (B, 1, D)
-        x = torch.cat(extra + [x], dim=1)  # (B, n_extra + L, D)
+        x = self.x_embed(z_t.to(dtype) * 2 - 1) + self.position_embedding((h, w)).to(dtype)  # (B, L, D)
+        time = self.t_embed(timestep_embedding(t, self.width).to(dtype))  # (B, D)
+        c = None  # adaLN's conditioning vector (B, D)
+        if self.adaln:
+            c = time + prepared["vec"] if prepared is not None and "vec" in prepared else time
+        else:
+            extra = [time[:, None]]  # time token (B, 1, D)
+            if prepared is not None and "token" in prepared:
+                extra.append(prepared["token"])  # condition token (B, 1, D)
+            x = torch.cat(extra + [x], dim=1)  # (B, n_extra + L, D)
         kvs = prepared["kv"] if prepared is not None and "kv" in prepared else [None] * len(self.blocks)
         ctx_mask = prepared["mask"] if prepared is not None and "mask" in prepared else None
         for block, kv in zip(self.blocks, kvs):
             if self.cfg.grad_checkpointing and self.training:
-                x = checkpoint(block, x, kv, ctx_mask, use_reentrant=False)
+                x = checkpoint(block, x, kv, ctx_mask, c, use_reentrant=False)
             else:
-                x = block(x, kv, ctx_mask)
-        return self.head(self.norm(x[:, self.n_extra :]))  # (B, L, C) flip logits
+                x = block(x, kv, ctx_mask, c)
+        x = self.norm(x[:, self.n_extra :])  # (B, L, D)
+        if self.adaln:
+            shift, scale = self.final_modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+            x = modulate(x, shift, scale)
+        return self.head(x)  # (B, L, C) flip logits
 
-    def flops_per_sample(self, text_len: int | None = None) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) for one sample; training costs ~3x.
+    def flops_per_sample(self, text_len: int | None = None, grid: tuple[int, int] | None = None) -> int:
+        """Forward matmul FLOPs (2 per multiply-add) for one sample on `grid` (None: the training
+        grid); training costs ~3x.
 
         Cross-attention's cost depends on the caption length: pass `text_len` (the N of the
         text tokens, e.g. cfg.text_encoder.max_length) for cross_attn models.
@@ -308,13 +295,17 @@ class Denoiser(nn.Module):
         if mode == "cross_attn" and text_len is None:
             raise ValueError("flops_per_sample: a cross_attn denoiser needs text_len (the text tokens N per caption)")
         depth, D, _ = DENOISER_PRESETS[self.cfg.preset]
-        h, w, C = self.latent_shape
+        h, w = self.grid_of(grid)
+        C = self.latent_shape[2]
         L = h * w
         S = L + self.n_extra  # tokens in self-attention
         flops = 2 * L * C * D * 2  # bit embedding and head
         flops += 2 * 2 * D * D  # time MLP on one token
         per_block = 2 * S * D * D * 4 + 2 * 2 * S * S * D  # q, kv, proj; scores and weighted sum
         per_block += 2 * S * D * 4 * D * 2  # MLP
+        if self.adaln:
+            per_block += 2 * D * 6 * D  # the block's modulation, once per sample
+            flops += 2 * D * 2 * D  # the final shift and scale
         if mode == "cross_attn":
             N = text_len
             flops += 2 * N * self.text_dim * D  # text projection

@@ -9,6 +9,7 @@ accumulates `grad_accum` micro-steps and skips an update whose gradient norm is 
 from __future__ import annotations
 
 import posixpath
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -146,18 +147,25 @@ class T2ITask:
             return condition_from_embeddings(batch["emb"].to(device), batch["emb_mask"].to(device))
         return self.text_encoder.encode(batch["caption"])
 
-    def model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None) -> torch.Tensor:
+    def model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None,
+                 grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The engine's denoiser on (B, h*w, C) latents of `grid` (None: the training grid)."""
         if cond is not None:
             cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return self.engine(z_t.to(self.dtype), t_in.to(self.dtype), cond).float()
+        kwargs = {} if grid is None else {"grid": tuple(grid)}
+        return self.engine(z_t.to(self.dtype), t_in.to(self.dtype), cond, **kwargs).float()
 
     def train_step(self, parts: Parts, batch: dict, g: torch.Generator, samples: int, boundary: bool, guard):
         cfg = self.cfg
-        z_0 = batch["bits"].to(self.device).float()  # (B, L, C)
+        z_0 = batch["bits"].to(self.device).float()  # (B, h*w, C)
+        # One grid per batch (aspect-ratio buckets); ranks may hold different grids in one step:
+        # each rank's forward is its own, and only gradients of the same parameters are reduced.
+        grid = batch.get("grid")
         null = self.engine.module.null_condition(z_0.shape[0], self.device, self.null_text)
         cond, _ = drop_condition(self.condition(batch), null, cfg.denoiser.cond_drop_prob, g)
-        loss, per_sample, t = diffusion_loss(self.model_fn, z_0, cond, self.a, cfg.diffusion.loss,
-                                             cfg.diffusion.aux_weight, g)
+        model_fn = self.model_fn if grid is None else partial(self.model_fn, grid=grid)
+        loss, per_sample, t = diffusion_loss(model_fn, z_0, cond, self.a, cfg.diffusion.loss, cfg.diffusion.aux_weight,
+                                             g)
         self.engine.backward(loss)
         self.engine.step()  # an optimizer step at the accumulation boundary only
         bucket = ((t - 1) * TIME_BUCKETS // cfg.diffusion.T).clamp(max=TIME_BUCKETS - 1)

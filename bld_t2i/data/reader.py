@@ -1,0 +1,91 @@
+"""Reading one shard through storage faults (the shard stream's reader, data/stream.py).
+
+A read that fails with a transient error (after s3fs's and botocore's own
+retries: a reset connection, a 5xx, a timeout) is retried ``read_retries`` times with
+exponential backoff from ``retry_backoff_s`` capped at ``retry_max_backoff_s``, reopening
+the shard at the end of the last whole sample; then the rest of the shard is skipped for
+this epoch ("read_error"). A shard that is gone (FileNotFoundError) or forbidden is not
+retried. Both are counted, logged with the URL and listed by `failed_shards()`; a
+worker whose whole epoch gives nothing usable stops with an error naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from bld_t2i.data.shards import RawSample, ShardError, iter_samples, open_shard
+
+log = logging.getLogger("bld_t2i.data")
+
+
+class Retry(NamedTuple):
+    retries: int  # failed reads of a shard in a row before the rest of it is skipped
+    backoff_s: float  # the first wait; it doubles with each retry
+    max_backoff_s: float
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a storage hiccup raises through fsspec/s3fs: s3fs turns S3's 5xx answers into
+    OSError, but a refused or reset connection comes as a botocore or aiohttp exception."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:  # no S3 support installed: local files only
+        pass
+    try:
+        from aiohttp import ClientError as HttpError
+
+        errors.append(HttpError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class ShardReader:
+    """Reads one shard from a byte offset, surviving storage faults; counts what it skips into
+    `skipped` and appends storage failures, (url, reason), to `failed`."""
+
+    def __init__(self, retry: Retry, skipped: Counter, failed: list[tuple[str, str]]):
+        self.retry, self.skipped, self.failed = retry, skipped, failed
+        self.transient = transient_errors()
+
+    def __call__(self, url: str, offset: int) -> Iterator[RawSample]:
+        attempt, at, empty = 0, offset, True
+        while True:
+            try:
+                with open_shard(url) as f:
+                    for sample in iter_samples(f, url, at):
+                        attempt, at, empty = 0, sample.end, False  # progress: the retry budget restarts
+                        yield sample
+                if empty and offset == 0:
+                    self.skipped["empty_shard"] += 1
+                    log.warning("shard without samples: %s", url)
+                return
+            except ShardError as e:
+                self.skipped[e.reason] += 1
+                log.warning("skipping the rest of a shard (%s): %s", e.reason, e)
+                return
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                # The storage answered: waiting would not bring the shard back.
+                self._fail(url, "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard", e)
+                return
+            except self.transient as e:
+                if attempt >= self.retry.retries:
+                    self._fail(url, "read_error", e)
+                    return
+                wait = min(self.retry.backoff_s * 2**attempt, self.retry.max_backoff_s)
+                attempt += 1
+                log.warning("read error in %s at byte %d (%s: %s); retry %d of %d in %.2f s",
+                            url, at, type(e).__name__, e, attempt, self.retry.retries, wait)
+                time.sleep(wait)
+
+    def _fail(self, url: str, reason: str, e: BaseException) -> None:
+        self.skipped[reason] += 1
+        self.failed.append((url, reason))
+        log.warning("skipping shard %s for this epoch (%s): %s: %s", url, reason, type(e).__name__, e)
