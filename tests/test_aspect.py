@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from bld_t2i.config import AutoencoderConfig, LatentsConfig, from_dict, load_config
+from bld_t2i.config import AutoencoderConfig, LatentsConfig, load_config
 from bld_t2i.data.images import fit, images_to_tensor, nearest_bucket, parse_buckets
 from bld_t2i.data.latents import latent_loader
 from bld_t2i.data.plan import describe_resume
 from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples, join, open_shard
 from bld_t2i.diffusion import keep_factors, sample
 from bld_t2i.models.binary_ae import BinaryAutoencoder
-from bld_t2i.models.denoiser import Denoiser
+from bld_t2i.pipeline import BLDPipeline
 
 from t2i_fixtures import ROOT, free_port, train_env
 
@@ -150,15 +149,6 @@ def test_loader_batches_by_grid_and_resumes_exactly(aspect_data):
     assert set(counts) == set(keys) and sum(counts.values()) - len(keys) == again
 
 
-def load_denoiser(export: Path) -> Denoiser:
-    """The exported EMA denoiser (model.safetensors with its config.json)."""
-    (weights,) = list(export.rglob("model.safetensors"))
-    cfg = from_dict(json.loads((weights.parent / "config.json").read_text()))
-    model = Denoiser(cfg.denoiser, (4, 4, 8))
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    return model.eval()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_train_on_mixed_grids_then_sample_a_wide_image(tmp_path, aspect_data, zero_stage):
@@ -182,7 +172,10 @@ def test_train_on_mixed_grids_then_sample_a_wide_image(tmp_path, aspect_data, ze
     assert all(set().union(*rank) == {"0", "1", "2"} for rank in shapes)
     assert any(a != b for a, b in zip(*shapes)), "the ranks never held different grids in one step"
 
-    model = load_denoiser(out / "export")
+    pipe = BLDPipeline.from_pretrained(out / "export", device="cpu")  # the self-contained pipeline folder
+    wide = pipe(class_labels=[1], width=40, height=24, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert wide.images[0].size == (40, 24) and wide.latents.shape == (1, 3, 5, 8)
+    model = pipe.denoiser
     h, w, C = 3, 5, 8  # the wide bucket's grid
     labels = torch.tensor([1])
     z = sample(lambda z_t, t, c: model(z_t, t, c, grid=(h, w)), (1, h * w, C), keep_factors(16), 4,

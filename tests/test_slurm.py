@@ -336,7 +336,7 @@ def test_train_t2i_preempted_on_two_nodes_resumes_on_one(cluster, tmp_path, tiny
     assert "[train] world size changed: checkpoint written by 2 rank(s), resuming on 1" in second, second
     assert re.search(r"^0: .*world size 1;.*grad_accum 2", second, re.M), second
     assert re.search(rf"resumed from step {stopped[1]}: \S+ at {stopped[2]} samples", second), second
-    assert (tmp_path / "run" / "export" / "model.safetensors").is_file(), sorted((tmp_path / "run").iterdir())
+    assert (tmp_path / "run" / "export" / "denoiser" / "model.safetensors").is_file(), sorted((tmp_path / "run").iterdir())
     latest = read_latest(tmp_path / "run" / "checkpoints")  # written by the 1-rank run: one ZeRO partition
     assert (latest / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file(), sorted(latest.iterdir())
     assert not (latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists(), sorted(latest.iterdir())

@@ -60,4 +60,4 @@ def test_training_rides_out_a_storage_outage_without_losing_a_sample(tmp_path, t
     keys = Counter(k for p in (out / "sample_keys").glob("rank*.txt") for line in p.read_text().splitlines()
                    for k in line.split()[1:])
     assert len(keys) == N_IMAGES and set(keys.values()) == {1}, keys.most_common(3)
-    assert os.path.isfile(out / "export" / "model.safetensors")
+    assert os.path.isfile(out / "export" / "denoiser" / "model.safetensors")

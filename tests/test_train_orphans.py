@@ -56,7 +56,7 @@ def test_killed_launcher_leaves_no_rank_and_a_live_run_keeps_its_folder(tmp_path
     done = subprocess.run(train_command(2, out, tiny_latents, tiny_ae, *ENDLESS[1:], end),
                           env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"resumed from step {step}:" in done.stdout and (out / "export" / "model.safetensors").is_file()
+    assert f"resumed from step {step}:" in done.stdout and (out / "export" / "denoiser" / "model.safetensors").is_file()
     assert not (out / "run.lock").exists()
 
 

@@ -62,7 +62,7 @@ def test_bf16_trains_and_its_ema_averages_the_fp32_masters(tmp_path, tiny_latent
     losses = _train(tmp_path / "bf16", tiny_latents, tiny_ae, "train.precision=bf16", f"train.zero_stage={zero}",
                     "train.ema_decay=0.0")
     assert sorted(losses) == list(range(1, STEPS + 1)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
-    ema = load_file(str(tmp_path / "bf16" / "export" / "model.safetensors"))
+    ema = load_file(str(tmp_path / "bf16" / "export" / "denoiser" / "model.safetensors"))
     weights = torch.cat([v.reshape(-1) for v in ema.values()])
     assert weights.dtype == torch.float32
     assert (weights.bfloat16().float() != weights).float().mean() > 0.5  # fp32 values, not rounded copies

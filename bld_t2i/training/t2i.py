@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bld_t2i import checkpoint as files
 from bld_t2i import distributed as D
@@ -119,6 +120,7 @@ class T2ITask:
                      checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=engine,
                                                universal=elastic),
                      export=self.export, export_files=("model.safetensors", "config.json"),
+                     publish=self.publish if cfg.autoencoder.path else None,
                      on_sample=self.draw_grid if cfg.autoencoder.path else None, log_extra=self.log_extra)
 
     def attach(self, cfg: Config, device: torch.device, engine, null_text: dict | None, text_encoder=None,
@@ -188,6 +190,15 @@ class T2ITask:
         folder.mkdir(parents=True, exist_ok=True)
         files.atomic_save_safetensors(ema_state, folder / "model.safetensors")
         save_config(self.cfg, folder / "config.json", SECTIONS)
+
+    def publish(self, checkpoint: Path, folder: Path) -> None:
+        """<out>/export: the self-contained pipeline folder (bld_t2i/pretrained.py) of the newest
+        checkpoint's EMA weights, with a copy of the autoencoder, loadable from any path.
+        (Without an autoencoder path the checkpoint's flat export is copied instead.)"""
+        from bld_t2i.pretrained import write_pretrained
+
+        state = load_file(str(checkpoint / "model.safetensors"))
+        write_pretrained(folder, self.cfg, state, self.cfg.autoencoder.path, text_dim=self.engine.module.text_dim)
 
     def draw_grid(self, folder: Path, logger, record: dict) -> None:
         """Samples for the recipe's fixed prompts from a checkpoint's EMA export (rank 0)."""
