@@ -190,7 +190,8 @@ def test_nearest_neighbour_of_a_training_latent_is_itself(tiny):
     folder = str(tiny / "latents")
     manifest = read_manifest(folder)
     shape = tuple(manifest["latent_shape"])
-    packed, keys, _ = read_latent_shard(f"{folder}/{manifest['shards'][1]['name']}", (int(np.prod(shape)) + 7) // 8)
+    shard = read_latent_shard(f"{folder}/{manifest['shards'][1]['name']}", (int(np.prod(shape)) + 7) // 8)
+    packed, keys = shard.packed, shard.keys
     queries = unpack_bits(packed[[0, 5]], shape).reshape(2, *shape)
     found = nearest_neighbours(queries, folder, k=10)
     for f, key in zip(found, (keys[0], keys[5])):  # itself at distance 0 (drawings may share a code)
@@ -219,8 +220,13 @@ def test_report_with_metrics_and_neighbours_renders_in_chromium(tiny, tmp_path):
                    "--wandb"])
     report = json.loads((out / "metrics.json").read_text())
     s = report["settings"][0]
-    assert report["skipped"] == {}
+    assert report["skipped"] == {"class_accuracy": "the model is not class-conditional",
+                                 "recall_at_10": "--neighbours-k 3 < 10"}
     assert 0 <= s["clip_score"] <= 100 and s["fid"] > 0 and np.isfinite(s["kid"])
+    # "red apple" is a training caption, "unicorn face" is not: recall over the first prompt's samples
+    assert s["seen_prompts"] == 1 and s["recall_at_1"] in (0.0, 0.5, 1.0) and "recall_at_10" not in s
+    assert 0 <= s["bit_rate_diff_mean"] <= s["bit_rate_diff_max"] <= 1 and 0 <= s["dead_or_saturated"] <= 1
+    assert set(report["reuse"]) == {"reference_statistics", "neighbours", "clip_neighbour_features"}
     neighbours = json.loads((out / "neighbours.json").read_text())
     for kind in ("hamming", "clip"):  # 2 images of prompt "0", 3 neighbours each, nearest first
         found = neighbours[kind]["s4_w0_t1"]["0"]

@@ -4,11 +4,18 @@
         [--temperature 1.0,0.9] [--steps 16,64] [--guidance-interval 0:1,0.2:0.8] [--images-per-prompt N]
         [--seed S] [--batch-size B]
         [--clip-model ViT-L-14 --clip-checkpoint FILE] [--inception FILE --reference SHARDS]
-        [--neighbours LATENT_FOLDER] [--inpaint-image IMG --inpaint-mask MASK] [--wandb]
+        [--neighbours LATENT_FOLDER] [--classifier FOLDER] [--cache-dir DIR] [--cache use|refresh|off]
+        [--inpaint-image IMG --inpaint-mask MASK] [--wandb]
     torchrun --nproc_per_node=N -m bld_t2i.cli.evaluate ...    (prompts split across ranks)
 
 SHEET: .txt (a prompt a line), .csv / .tsv with a prompt column (PartiPrompts works as
 is) or .jsonl with prompt [, id, category, seed]. Rerunning skips finished images.
+
+--neighbours (a latent data set) adds the nearest training latents, caption recall@1/@10 of
+the seen prompts and per-bit statistics against the data; --classifier (a folder from
+`bld_t2i.cli.train_classifier`) the class accuracy of a class-conditional model's samples.
+FID/KID reference features and the CLIP features of --neighbours-clip are kept in --cache-dir
+($XDG_CACHE_HOME/bld_t2i by default) and reused by the next run on the same data.
 
 --inpaint-image/--inpaint-mask (white = regenerate, fitted to the model's resolution like
 `bld_t2i.cli.sample --init-image/--mask`): every (setting, prompt, image) is drawn again from
@@ -55,6 +62,8 @@ FLAGS = [Flag("--model", "evaluate.model", "exported model folder"),
          Flag("--reference", "evaluate.reference"), Flag("--reference-limit", "evaluate.reference_limit"),
          Flag("--fid-features", "evaluate.fid_features"), Flag("--neighbours", "evaluate.neighbours"),
          Flag("--neighbours-k", "evaluate.neighbours_k"), Flag("--neighbours-clip", "evaluate.neighbours_clip"),
+         Flag("--classifier", "evaluate.classifier", "classifier folder (class-conditional models)"),
+         Flag("--cache-dir", "evaluate.cache_dir"), Flag("--cache", "evaluate.cache"),
          Flag("--inpaint-image", "evaluate.inpaint_image"), Flag("--inpaint-mask", "evaluate.inpaint_mask"),
          Flag("--wandb", "evaluate.wandb"), Flag("--device", "evaluate.device"), Flag("--dtype", "evaluate.dtype")]
 
@@ -103,6 +112,13 @@ def _print(report: dict, out: str) -> None:
             if isinstance(v, float) and k not in ("guidance", "temperature", "guidance_interval")))
     for k, v in report["skipped"].items():
         D.print0(f"[evaluate] {k}: skipped ({v})")
+    if "classifier" in report:
+        c = report["classifier"]
+        recon = f", {c['reconstructed_accuracy']:.4f} on their reconstructions" if "reconstructed_accuracy" in c else ""
+        D.print0(f"[evaluate] classifier {c['path']}: accuracy {c.get('accuracy', float('nan')):.4f} on "
+                 f"{c.get('images')} held-out real images{recon} (the samples' is class_accuracy above)")
+    for r in report.get("reuse", {}).values():
+        D.print0(f"[evaluate] {r['text']}")
     D.print0(f"[evaluate] report: {out}/index.html")
 
 

@@ -115,9 +115,13 @@ class EvaluateConfig(_Section):
     reference: str = ""  # reference image shards for FID/KID
     reference_limit: int = 10_000  # reference images read at most
     fid_features: Literal[64, 192, 768, 2048] = 2048  # Inception layer; 2048 is the standard FID
-    neighbours: str = ""  # latent data set folder to search for nearest training samples
+    # latent data set folder: nearest training samples, caption recall@1/@10 and the data's per-bit statistics
+    neighbours: str = ""
     neighbours_k: int = 10
-    neighbours_clip: bool = False  # also search in CLIP image space (decodes every training latent)
+    neighbours_clip: bool = False  # also search in CLIP image space (decodes every training latent once, cached)
+    classifier: str = ""  # class-conditional models: classifier folder (bld_t2i.cli.train_classifier) for accuracy
+    cache_dir: str = ""  # reference features and CLIP features of training latents; empty: $XDG_CACHE_HOME/bld_t2i
+    cache: Literal["use", "refresh", "off"] = "use"  # use: reuse and keep; refresh: recompute and keep; off: neither
     inpaint_image: str = ""  # inpaint it for every prompt and setting (with inpaint_mask, white = regenerate)
     inpaint_mask: str = ""
     wandb: bool = False  # log grids and the metrics table (the log section's mode, else $WANDB_MODE)
@@ -130,6 +134,39 @@ class EvaluateConfig(_Section):
             raise ConfigError(f"'evaluate.images_per_prompt' must be >= 1, got {self.images_per_prompt}")
         if self.batch_size < 0:
             raise ConfigError(f"'evaluate.batch_size' must be >= 0, got {self.batch_size}")
+
+
+@dataclass
+class ClassifierConfig(_Section):
+    """python -m bld_t2i.cli.train_classifier: a small CNN on labelled image shards, for the
+    evaluation's class accuracy (evaluate.classifier)."""
+
+    _name = "classifier"
+    shards: str = ""  # labelled image shards (the .json "label"), brace/glob-expanded
+    heldout: str = ""  # held-out image shards for the reported accuracy; empty: a random 1 in heldout_every of `shards`
+    heldout_every: int = 10
+    heldout_limit: int = 0  # held-out images read at most (0: all)
+    out: str = ""  # classifier folder: model.safetensors + config.json
+    resolution: int = 32  # images are centre-cropped and resized to it
+    limit: int = 0  # training images read at most (0: all)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1.0e-2  # peak of the one-cycle schedule
+    width: int = 32  # channels of the first stage (then 2x, 4x)
+    flip: bool = False  # random horizontal flips (for mirror-symmetric classes, e.g. garments)
+    autoencoder: str = ""  # exported autoencoder: held-out accuracy also on its reconstructions
+    reconstructions: float = 0.0  # with autoencoder: probability that a training draw is the image's reconstruction
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("heldout_every", "resolution", "epochs", "batch_size", "width"):
+            if getattr(self, name) < (2 if name == "heldout_every" else 1):
+                raise ConfigError(f"'classifier.{name}' is too small: {getattr(self, name)}")
+        if not 0 <= self.reconstructions <= 1 or (self.reconstructions and not self.autoencoder):
+            raise ConfigError(f"'classifier.reconstructions' must be in [0, 1] and needs classifier.autoencoder, "
+                              f"got {self.reconstructions} with autoencoder {self.autoencoder!r}")
 
 
 @dataclass
@@ -149,5 +186,6 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 

@@ -7,7 +7,9 @@ the same in every setting, so settings compare the same noise and any image can 
 regenerated alone; the images of several prompts are drawn in one batch, each from its own
 seed, which gives the same images as one by one. Prompts are split across ranks (torchrun / srun); an image whose PNG
 exists is not generated again, and every file is written atomically and only when its
-content changes, so a rerun of a finished evaluation writes nothing.
+content changes, so a rerun of a finished evaluation writes nothing (but metrics.json and
+index.html when they record what the run reused or timed: FID/KID reference statistics,
+the neighbour search).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bld_t2i.diffusion import check_guidance_interval
 from bld_t2i.eval.sheets import PromptRow, SheetError, derive_seed
 from bld_t2i.models.denoiser import TEXT_MODES
 from bld_t2i.pipeline import BLDPipeline, default_batch_size, mask_to_grid
+from bld_t2i.progress import progress
 from bld_t2i.utils import png_bytes, to_pil
 
 FULL_INTERVAL = (0.0, 1.0)
@@ -168,8 +171,11 @@ def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOpti
     mine = rows[info.rank :: info.world_size]
     spent: dict[str, dict] = {}
     warm = False
+    folders = [out] + ([out / "inpaint"] if inpainting is not None else [])
+    todo = {(s.name, f): _todo(pipe, f, s, mine, opts) for s in opts.settings for f in folders}
+    bar = progress(total=sum(len(i) for batches in todo.values() for i in batches), desc="generate", unit="img")
     for setting in opts.settings:
-        for items in _todo(pipe, out, setting, mine, opts):
+        for items in todo[setting.name, out]:
             if not warm:  # one untimed 1-step sample: first-call costs stay out of the timing
                 pipe.decode(pipe.sample_latents(**condition_args(pipe, [items[0][0]]), steps=1, seed=0))
                 warm = True
@@ -178,10 +184,13 @@ def generate(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOpti
             s["gen_s"] += gen_s
             s["decode_s"] += decode_s
             s["n"] += len(items)
+            bar.update(len(items))
         if inpainting is not None:
-            for items in _todo(pipe, out / "inpaint", setting, mine, opts):
+            for items in todo[setting.name, out / "inpaint"]:
                 _draw(pipe, setting, items, out / "inpaint", opts, init_image=inpainting[0], mask=inpainting[1])
-        D.print0(f"[evaluate] {setting.name}: rank 0 done")
+                bar.update(len(items))
+        bar.set_postfix(setting=setting.name)
+    bar.close()
     if spent:  # add to this rank's earlier runs (a resumed evaluation times only new images)
         path = out / "timing" / f"rank{info.rank}.json"
         total = json.loads(path.read_text()) if path.is_file() else {}

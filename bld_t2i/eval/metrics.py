@@ -1,15 +1,15 @@
-"""Sample metrics: diversity, CLIP score, FID and KID.
+"""Sample metrics: diversity and CLIP score, and the image reader of the metrics that
+compare with real images.
 
 Every metric that needs weights takes them from a local path; when the path is not given
 or missing, the metric is reported as skipped with the reason (`Skipped`), never
-downloaded.
+downloaded. The others: FID / KID (bld_t2i/eval/fid.py), class accuracy under a local
+classifier (classifier.py), caption recall (recall.py) and per-bit statistics (bitstats.py).
 
 - diversity: mean pairwise Hamming distance between the latents of one prompt's images,
   as a fraction of the bits (0: identical, 0.5: independent coin flips);
 - CLIP score: 100 * max(cos(image, text), 0) with an OpenCLIP model (torchmetrics'
-  definition), averaged over images;
-- FID / KID: torchmetrics with torch-fidelity's InceptionV3 from a local weights file
-  (`pt_inception-2015-12-05-6726825d.pth`), against reference images from image shards.
+  definition), averaged over images.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from bld_t2i.data.images import ImageDecoder
 from bld_t2i.data.shards import ShardError, expand_urls, iter_samples, open_shard
 from bld_t2i.data.stream import SkipSample
+from bld_t2i.progress import progress
 
 log = logging.getLogger("bld_t2i.eval")
 
@@ -91,67 +92,29 @@ def clip_scorer(model: str, checkpoint: str, device: torch.device) -> ClipScorer
         return Skipped(str(e))
 
 
-def reference_images(spec: str, size: int, limit: int) -> torch.Tensor:
-    """Up to `limit` images (uint8 (N, 3, size, size)) from image shards, centre-cropped."""
+def read_images(spec: str, size: int, limit: int, desc: str = "images") -> tuple[torch.Tensor, np.ndarray]:
+    """Up to `limit` images (0: all) (uint8 (N, 3, size, size)) from image shards, centre-cropped,
+    and their labels (N,) int64 (the .json "label", -1 where there is none)."""
     decoder = ImageDecoder(size, "center_crop", 8)
-    arrays = []
-    for url in expand_urls(spec):
-        with open_shard(url) as f:
-            try:
-                for raw in iter_samples(f, url):
-                    try:
-                        arrays.append(decoder.sample(raw)[0])
-                    except SkipSample:
-                        continue
-                    if len(arrays) >= limit:
-                        break
-            except ShardError as e:  # keep the images before the damage
-                log.warning("reference shard %s is damaged after %d images: %s", url, len(arrays), e)
-        if len(arrays) >= limit:
-            break
+    arrays, labels = [], []
+    with progress(total=limit or None, desc=desc, unit="img") as bar:
+        for url in expand_urls(spec):
+            with open_shard(url) as f:
+                try:
+                    for raw in iter_samples(f, url):
+                        try:
+                            image, _, _, label, _ = decoder.sample(raw)
+                        except SkipSample:
+                            continue
+                        arrays.append(image)
+                        labels.append(label)
+                        bar.update(1)
+                        if len(arrays) == limit:
+                            break
+                except ShardError as e:  # keep the images before the damage
+                    log.warning("shard %s is damaged after %d images: %s", url, len(arrays), e)
+            if len(arrays) == limit:
+                break
     if not arrays:
-        raise ValueError(f"--reference {spec}: no readable images")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-class FidKid:
-    """FID and KID of generated sets against one reference set (its features computed once)."""
-
-    def __init__(self, inception: str, reference: torch.Tensor, device: torch.device, features: int = 2048):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-
-        self.device = device
-        self.reference = reference
-        self.fid = FrechetInceptionDistance(feature=features, reset_real_features=False,
-                                            feature_extractor_weights_path=inception).to(device)
-        # KID reuses the loaded extractor: one copy of the weights
-        self.kid = KernelInceptionDistance(feature=self.fid.inception, reset_real_features=False,
-                                           subset_size=2).to(device)
-        for batch in reference.split(32):
-            self.fid.update(batch.to(device), real=True)
-            self.kid.update(batch.to(device), real=True)
-
-    @torch.no_grad()
-    def __call__(self, generated: torch.Tensor) -> dict[str, float]:
-        """generated: uint8 (N, 3, H, W), N >= 2 -> {"fid", "kid", "kid_std"}."""
-        self.fid.reset()
-        self.kid.reset()
-        for batch in generated.split(32):
-            self.fid.update(batch.to(self.device), real=False)
-            self.kid.update(batch.to(self.device), real=False)
-        self.kid.subset_size = min(1000, len(generated), len(self.reference))
-        kid_mean, kid_std = self.kid.compute()
-        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-
-
-def fid_kid(inception: str, reference: str, size: int, limit: int, device: torch.device,
-            features: int = 2048) -> FidKid | Skipped:
-    """features: the Inception layer, 2048 (the standard FID) or 64 / 192 / 768 (cheaper, not comparable)."""
-    if not reference:
-        return Skipped("no --reference image shards given")
-    if not inception:
-        return Skipped("no --inception weights given")
-    if not Path(inception).is_file():
-        return Skipped(f"--inception weights {inception} not found")
-    return FidKid(inception, reference_images(reference, size, limit), device, features)
+        raise ValueError(f"{spec}: no readable images")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)

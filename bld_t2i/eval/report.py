@@ -6,6 +6,9 @@ per setting side by side, its diversity and CLIP score, and (with a neighbour se
 every sample next to its nearest training latents with their Hamming distances. With
 inpainting, a last section shows the input image, its autoencoder reconstruction and the
 mask, then each prompt's inpaintings per setting with the fraction of known bits kept.
+Under the metrics table: what each metric was measured on (the classifier's own accuracy
+on held-out real images, the seen prompts of the caption recall, the bit-rate thresholds)
+and what this run reused from earlier runs or computed (reference statistics, neighbours).
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ from bld_t2i.config import LogConfig
 from bld_t2i.tracking import start_wandb
 
 SETTING_COLUMNS = [("diversity", "diversity", "{:.3f}"), ("clip_score", "CLIP score", "{:.2f}"),
-                   ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"),
+                   ("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("class_accuracy", "class accuracy", "{:.3f}"),
+                   ("recall_at_1", "recall@1", "{:.3f}"), ("recall_at_10", "recall@10", "{:.3f}"),
+                   ("bit_rate_diff_mean", "bit rate |diff| mean", "{:.4f}"),
+                   ("bit_rate_diff_max", "bit rate |diff| max", "{:.4f}"),
+                   ("dead_or_saturated", "dead/saturated channels", "{:.3f}"),
+                   ("data_dead_or_saturated", "data: dead/saturated", "{:.3f}"),
                    ("generation_s_per_sample", "gen s/sample", "{:.4f}"),
                    ("decode_s_per_sample", "decode s/sample", "{:.4f}")]
 
@@ -57,6 +65,30 @@ def _metrics_table(report: dict) -> str:
                      f"<td>{s['temperature']:g}</td><td>{s['images']}</td>{cells}</tr>")
     lines.append("</table>")
     return "\n".join(lines)
+
+
+def _metric_notes(report: dict) -> str:
+    notes = []
+    if "classifier" in report:
+        c = report["classifier"]
+        notes.append(f"class accuracy: the fraction of samples that the classifier {_e(c['path'])} labels with their "
+                     f"prompt's class; the same classifier on {c.get('images', '?')} held-out real images "
+                     f"({_e(c.get('shards', ''))}): <b>{c.get('accuracy', float('nan')):.3f}</b>"
+                     + (f", on their autoencoder reconstructions: "
+                        f"<b>{c['reconstructed_accuracy']:.3f}</b>" if "reconstructed_accuracy" in c else ""))
+    seen = next((s["seen_prompts"] for s in report["settings"] if "seen_prompts" in s), None)
+    if seen is not None:
+        notes.append(f"recall@k: the fraction of the samples of the {seen} seen prompts (caption, or class label, "
+                     "in the training set) whose k nearest training latents (Hamming) include one of that caption")
+    if any("bit_rate_diff_mean" in s for s in report["settings"]):
+        notes.append("bit rate: the fraction of ones per latent channel, samples against the training latents; "
+                     "dead/saturated: channels with a rate below 0.01 or above 0.99")
+    return "<ul class='notes'>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>" if notes else ""
+
+
+def _reuse_list(report: dict) -> str:
+    items = [r["text"] for r in report.get("reuse", {}).values()]
+    return "<ul id='reuse'>" + "".join(f"<li>{_e(t)}</li>" for t in items) + "</ul>" if items else ""
 
 
 def _timing_table(report: dict) -> str:
@@ -118,7 +150,9 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
     body = [f"<h1>Evaluation of {_e(report['model'])}</h1>",
             f"<p>sheet {_e(report['sheet'])}; {len(rows)} prompts x {n_images} images; seed {report['seed']}; "
             f"{report['latent_bits']} latent bits; conditioning {_e(report['conditioning'])}</p>",
-            "<h2>Metrics</h2>", _metrics_table(report), f"<ul>{skipped}</ul>" if skipped else "",
+            "<h2>Metrics</h2>", _metrics_table(report), _metric_notes(report),
+            f"<ul>{skipped}</ul>" if skipped else "", "<h2>Reused and computed</h2>" if report.get("reuse") else "",
+            _reuse_list(report),
             "<h2>Timing (seconds per sample)</h2>", _timing_table(report)]
     categories: dict[str, list] = {}
     for row in rows:
@@ -134,6 +168,8 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
                     stats.append(f"diversity {p['diversity'][s.name]:.3f}")
                 if s.name in p["clip_score"]:
                     stats.append(f"CLIP {p['clip_score'][s.name]:.2f}")
+                if s.name in p.get("class_accuracy", {}):
+                    stats.append(f"class accuracy {p['class_accuracy'][s.name]:.2f}")
                 cells.append(f"<figure class='setting'><img src='grids/{_e(s.name)}/{_e(row.id)}.png' "
                              f"alt='{_e(row.prompt)} {_e(s.name)}'><figcaption>{_e(s.name)} "
                              f"{_e(', '.join(stats))}</figcaption></figure>")
@@ -158,4 +194,10 @@ def log_wandb(out: Path, report: dict, grids: list[Path], log_cfg: LogConfig, tr
     columns = list(dict.fromkeys(k for s in report["settings"] for k in s))
     table = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in report["settings"]])
     run.log({"metrics": table, **{f"grids/{g.parent.name}/{g.stem}": wandb.Image(str(g)) for g in grids}})
+    for s in report["settings"]:  # every number also as a summary value, metric/{setting}
+        run.summary.update({f"{k}/{s['setting']}": v for k, v in s.items() if isinstance(v, (int, float))
+                            and not isinstance(v, bool) and k not in ("steps", "guidance", "temperature", "images")})
+    if "classifier" in report:
+        run.summary["classifier_heldout_accuracy"] = report["classifier"].get("accuracy")
+    run.summary["reuse"] = {k: r["text"] for k, r in report.get("reuse", {}).items()}
     run.finish()

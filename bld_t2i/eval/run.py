@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,10 @@ from bld_t2i import distributed as D
 from bld_t2i.checkpoint import atomic_write_bytes
 from bld_t2i.data.latents import unpack_bits
 from bld_t2i.eval import metrics as M
+from bld_t2i.eval.cache import default_cache_dir
+from bld_t2i.eval.classifier import Classifier
+from bld_t2i.eval.data_metrics import measure_against_data
+from bld_t2i.eval.fid import FidKid, fid_kid
 from bld_t2i.eval.generate import (
     EvalOptions,
     Setting,
@@ -44,11 +48,11 @@ from bld_t2i.eval.generate import (
     read_inpainting,
     write_if_changed,
 )
-from bld_t2i.eval.neighbours import Neighbour, clip_neighbours, nearest_neighbours, unpack_neighbour
 from bld_t2i.eval.report import log_wandb, render_report
 from bld_t2i.eval.sheets import PromptRow
 from bld_t2i.models.denoiser import TEXT_MODES
 from bld_t2i.pipeline import BLDPipeline
+from bld_t2i.progress import progress
 from bld_t2i.utils import make_grid, png_bytes, to_pil
 
 # ----------------------------------------------------------------------------- measuring
@@ -90,46 +94,6 @@ def _rates(s: dict) -> dict:
             "samples_timed": s["n"]}
 
 
-def _decoded_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour]]) -> None:
-    """Decode each distinct neighbour latent once to neighbours/{shard}/{key}.png."""
-    shape = pipe.latent_shape
-    todo = {}
-    for ns in found:
-        for n in ns:
-            path = out / "neighbours" / Path(n.shard).stem / f"{n.key}.png"
-            if not path.is_file():
-                todo[path] = n
-    paths = list(todo)
-    for lo in range(0, len(paths), 32):
-        chunk = paths[lo : lo + 32]
-        bits = torch.from_numpy(np.stack([unpack_neighbour(todo[p], shape) for p in chunk])).bool()
-        for p, img in zip(chunk, to_pil(pipe.decode(bits))):
-            atomic_write_bytes(p, png_bytes(img))
-
-
-def find_neighbours(pipe: BLDPipeline, out: Path, rows: list[PromptRow], opts: EvalOptions, latents: np.ndarray,
-                    features: torch.Tensor | None, scorer) -> dict:
-    """{"hamming" [, "clip"]: {setting: {prompt id: [[neighbour, ...] per image]}}}, with the
-    neighbours decoded to PNGs. `latents` (and `features`) are ordered setting, prompt, image."""
-    shape = pipe.latent_shape
-    searches = {"hamming": nearest_neighbours(latents, opts.neighbours, opts.neighbours_k)}
-    if features is not None:
-        def embed(packed: np.ndarray) -> torch.Tensor:
-            bits = torch.from_numpy(unpack_bits(packed, shape).reshape(-1, *shape)).bool()
-            return scorer.image_features(to_pil(pipe.decode(bits)))
-
-        searches["clip"] = clip_neighbours(features, opts.neighbours, shape, opts.neighbours_k, embed)
-    N, per_setting = opts.images_per_prompt, opts.images_per_prompt * len(rows)
-    result = {}
-    for kind, found in searches.items():
-        _decoded_neighbours(pipe, out, found)
-        result[kind] = {s.name: {row.id: [[
-            {"key": n.key, "caption": n.caption, "shard": n.shard, "distance": n.distance,
-             "image": f"neighbours/{Path(n.shard).stem}/{n.key}.png"} for n in found[k * per_setting + r * N + i]]
-            for i in range(N)] for r, row in enumerate(rows)} for k, s in enumerate(opts.settings)}
-    return result
-
-
 def _images_and_grid(folder: Path, setting: Setting, row: PromptRow, n: int) -> list[Image.Image]:
     """A row's n images under `folder`; its grid is (re)written when older than any of them."""
     pngs = [image_path(folder, setting, row, i) for i in range(n)]
@@ -166,82 +130,134 @@ def measure_inpainting(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts
             "cells": h * w, "settings": per_setting}
 
 
+@dataclass
+class Tools:
+    """The metrics that need weights, each loaded once, or the reason it is skipped."""
+
+    scorer: M.ClipScorer | M.Skipped
+    fidkid: FidKid | M.Skipped
+    classifier: Classifier | M.Skipped
+
+
+def metric_tools(pipe: BLDPipeline, opts: EvalOptions) -> tuple[Tools, dict[str, str]]:
+    skipped: dict[str, str] = {}
+    scorer = M.clip_scorer(opts.clip_model, opts.clip_checkpoint, pipe.device) if pipe.conditioning in TEXT_MODES \
+        else M.Skipped("the model is not text-conditioned")
+    if isinstance(scorer, M.Skipped):
+        skipped["clip_score"] = scorer.reason
+    fidkid = fid_kid(opts.inception, opts.reference, pipe.autoencoder.resolution, opts.reference_limit, pipe.device,
+                     opts.fid_features, opts.cache_dir, opts.cache)
+    if isinstance(fidkid, M.Skipped):
+        skipped["fid"] = skipped["kid"] = fidkid.reason
+    if pipe.conditioning != "class":
+        classifier = M.Skipped("the model is not class-conditional")
+    elif not opts.classifier:
+        classifier = M.Skipped("no --classifier given")
+    else:
+        try:
+            classifier = Classifier.load(opts.classifier, pipe.device)
+        except FileNotFoundError as e:
+            classifier = M.Skipped(str(e))
+    if isinstance(classifier, M.Skipped):
+        skipped["class_accuracy"] = classifier.reason
+    if opts.images_per_prompt < 2:
+        skipped["diversity"] = "needs at least 2 images per prompt"
+    return Tools(scorer, fidkid, classifier), skipped
+
+
+def measure_setting(out: Path, setting: Setting, rows: list[PromptRow], opts: EvalOptions, tools: Tools,
+                    per_prompt: dict, shape) -> tuple[dict, np.ndarray, list[torch.Tensor]]:
+    """One setting's row of the metrics table, its latents (n, h, w, C) ordered prompt, image,
+    and the CLIP image features of its samples (empty without CLIP)."""
+    N = opts.images_per_prompt
+    latents, features, clip_scores, images_u8, hits = [], [], [], [], []
+    for row in rows:
+        pil = _images_and_grid(out, setting, row, N)
+        lat = load_latents(out, setting, row, N, shape)
+        latents.append(lat)
+        p = per_prompt[row.id]
+        if N >= 2:
+            p["diversity"][setting.name] = M.diversity(lat)
+        if not isinstance(tools.scorer, M.Skipped):
+            f = tools.scorer.image_features(pil)  # (N, E)
+            s = tools.scorer.score(f, [row.prompt] * N)
+            clip_scores.append(s)
+            features.append(f)
+            p["clip_score"][setting.name] = float(s.mean())
+        u8 = torch.from_numpy(np.stack([np.asarray(img) for img in pil])).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        if not isinstance(tools.fidkid, M.Skipped):
+            images_u8.append(u8)
+        if not isinstance(tools.classifier, M.Skipped):
+            hit = tools.classifier.predict(u8) == int(row.prompt)  # the prompt of a class model is its label
+            hits.append(hit)
+            p["class_accuracy"][setting.name] = float(hit.mean())
+    entry = {"setting": setting.name, **asdict(setting), "images": N * len(rows)}
+    if N >= 2:
+        entry["diversity"] = float(np.mean([per_prompt[r.id]["diversity"][setting.name] for r in rows]))
+    if clip_scores:
+        entry["clip_score"] = float(torch.cat(clip_scores).mean())
+    if images_u8:
+        entry.update(tools.fidkid(torch.cat(images_u8)))
+    if hits:
+        entry["class_accuracy"] = float(np.concatenate(hits).mean())
+    return entry, np.concatenate(latents), features
+
+
 def measure(pipe: BLDPipeline, rows: list[PromptRow], out: Path, opts: EvalOptions,
             inpainting: tuple[Image.Image, Image.Image] | None = None) -> dict:
     """Grids, metrics, neighbours and the report (rank 0, after every rank has generated)."""
-    N = opts.images_per_prompt
-    shape = pipe.latent_shape
-    text_model = pipe.conditioning in TEXT_MODES
-    skipped: dict[str, str] = {}
-    scorer = M.clip_scorer(opts.clip_model, opts.clip_checkpoint, pipe.device) if text_model else \
-        M.Skipped("the model is not text-conditioned")
-    if isinstance(scorer, M.Skipped):
-        skipped["clip_score"] = scorer.reason
-    fidkid = M.fid_kid(opts.inception, opts.reference, pipe.autoencoder.resolution, opts.reference_limit, pipe.device,
-                       opts.fid_features)
-    if isinstance(fidkid, M.Skipped):
-        skipped["fid"] = skipped["kid"] = fidkid.reason
-    if N < 2:
-        skipped["diversity"] = "needs at least 2 images per prompt"
+    opts = replace(opts, cache_dir=str(opts.cache_dir or default_cache_dir()))
+    N, shape = opts.images_per_prompt, pipe.latent_shape
+    tools, skipped = metric_tools(pipe, opts)
     clip_search = opts.neighbours and opts.neighbours_clip
-    if clip_search and isinstance(scorer, M.Skipped):
-        skipped["neighbours_clip"] = f"no CLIP model: {scorer.reason}"
+    if clip_search and isinstance(tools.scorer, M.Skipped):
+        skipped["neighbours_clip"] = f"no CLIP model: {tools.scorer.reason}"
         clip_search = False
-
     per_prompt = {row.id: {"id": row.id, "prompt": row.prompt, "category": row.category, "line": row.line,
-                           "diversity": {}, "clip_score": {}} for row in rows}
+                           "diversity": {}, "clip_score": {}, "class_accuracy": {}} for row in rows}
     setting_rows, query_latents, query_features = [], [], []
     timing_setting, timing_steps = _timing(out, opts.settings)
-    for setting in opts.settings:
-        images_u8, clip_scores = [], []
-        for row in rows:
-            pil = _images_and_grid(out, setting, row, N)
-            lat = load_latents(out, setting, row, N, shape)
-            query_latents.append(lat)
-            if N >= 2:
-                per_prompt[row.id]["diversity"][setting.name] = M.diversity(lat)
-            if not isinstance(scorer, M.Skipped):
-                features = scorer.image_features(pil)  # (N, E)
-                s = scorer.score(features, [row.prompt] * N)
-                clip_scores.append(s)
-                query_features.append(features)
-                per_prompt[row.id]["clip_score"][setting.name] = float(s.mean())
-            if not isinstance(fidkid, M.Skipped):
-                images_u8.append(torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2))
-        entry = {"setting": setting.name, **asdict(setting), "images": N * len(rows)}
-        if N >= 2:
-            entry["diversity"] = float(np.mean([per_prompt[r.id]["diversity"][setting.name] for r in rows]))
-        if clip_scores:
-            entry["clip_score"] = float(torch.cat(clip_scores).mean())
-        if images_u8:
-            entry.update(fidkid(torch.cat(images_u8)))
+    for setting in progress(opts.settings, desc="measure", unit="setting"):
+        entry, latents, features = measure_setting(out, setting, rows, opts, tools, per_prompt, shape)
         entry.update(timing_setting.get(setting.name, {}))
         setting_rows.append(entry)
-
-    neighbours_out = {}
-    if opts.neighbours:
-        neighbours_out = find_neighbours(pipe, out, rows, opts, np.concatenate(query_latents),
-                                         torch.cat(query_features) if clip_search else None, scorer)
+        query_latents.append(latents)
+        query_features += features
+    reuse = {} if isinstance(tools.fidkid, M.Skipped) else {"reference_statistics": tools.fidkid.reuse.to_dict()}
+    neighbours_out, data_metrics = measure_against_data(pipe, out, rows, opts, np.concatenate(query_latents),
+                                                        torch.cat(query_features) if clip_search else None,
+                                                        tools.scorer, skipped, reuse)
+    for entry in setting_rows:
+        entry.update(data_metrics.get(entry["setting"], {}))
     report = {
         "model": opts.model, "sheet": opts.prompts, "images_per_prompt": N, "seed": opts.seed,
         "latent_bits": int(np.prod(shape)), "conditioning": pipe.conditioning,
-        "settings": setting_rows, "timing_by_steps": timing_steps, "skipped": skipped,
+        "settings": setting_rows, "timing_by_steps": timing_steps, "skipped": skipped, "reuse": reuse,
         "prompts": list(per_prompt.values()),
     }
+    if not isinstance(tools.classifier, M.Skipped):
+        report["classifier"] = {"path": opts.classifier, **tools.classifier.heldout}
     if inpainting is not None:
         report["inpainting"] = measure_inpainting(pipe, rows, out, opts, inpainting)
-    write_if_changed(out / "metrics.json", json.dumps(report, indent=1).encode())
-    write_if_changed(out / "metrics.csv", _csv(setting_rows))
-    write_if_changed(out / "prompts.csv", _csv([
-        {"id": p["id"], "category": p["category"], "prompt": p["prompt"], "setting": s.name,
-         "diversity": p["diversity"].get(s.name, ""), "clip_score": p["clip_score"].get(s.name, "")}
-        for p in per_prompt.values() for s in opts.settings]))
-    if opts.neighbours:
-        write_if_changed(out / "neighbours.json", json.dumps(neighbours_out, indent=1).encode())
-    write_if_changed(out / "index.html", render_report(report, rows, opts.settings, N, neighbours_out).encode())
+    _write_outputs(out, report, rows, opts, neighbours_out)
     if opts.wandb:
         log_wandb(out, report, [grid_path(out, s, r) for s in opts.settings for r in rows], opts.log, pipe.cfg.run.name)
     return report
+
+
+PROMPT_METRICS = ("diversity", "clip_score", "class_accuracy")
+
+
+def _write_outputs(out: Path, report: dict, rows: list[PromptRow], opts: EvalOptions, neighbours: dict) -> None:
+    write_if_changed(out / "metrics.json", json.dumps(report, indent=1).encode())
+    write_if_changed(out / "metrics.csv", _csv(report["settings"]))
+    write_if_changed(out / "prompts.csv", _csv([
+        {"id": p["id"], "category": p["category"], "prompt": p["prompt"], "setting": s.name,
+         **{k: p[k].get(s.name, "") for k in PROMPT_METRICS}} for p in report["prompts"] for s in opts.settings]))
+    if opts.neighbours:
+        write_if_changed(out / "neighbours.json", json.dumps(neighbours, indent=1).encode())
+    write_if_changed(out / "index.html", render_report(report, rows, opts.settings, opts.images_per_prompt,
+                                                       neighbours).encode())
 
 
 def _csv(records: list[dict]) -> bytes:
