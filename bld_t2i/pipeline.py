@@ -25,7 +25,6 @@ softmax in fp32), `compile=True` (torch.compile with CUDA graphs: a batch's shap
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -132,11 +131,7 @@ class BLDPipeline:
         for name, v in sizes.items():
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < f or v % f:
                 raise ValueError(f"{name} must be a positive multiple of {f} (the autoencoder's downsampling), got {v!r}")
-        grid = (int(sizes["height"]) // f, int(sizes["width"]) // f)
-        if grid != self.latent_shape[:2] and "grid" not in inspect.signature(self.denoiser.denoise).parameters:
-            raise ValueError(f"height={sizes['height']}, width={sizes['width']}: this denoiser samples only its own "
-                             f"{self.latent_shape[0]}x{self.latent_shape[1]} latent grid ({res}x{res} px)")
-        return grid
+        return int(sizes["height"]) // f, int(sizes["width"]) // f
 
     def _conditions(self, prompts: Sequence[str] | None,
                     class_labels: Sequence[int] | None) -> tuple[dict | None, dict | None]:

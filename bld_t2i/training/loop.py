@@ -306,21 +306,16 @@ def _save(parts: Parts, cfg: Config, state: dict) -> Path:
     return parts.checkpointer.save(state["step"], client, lambda tmp: parts.export(ema_state, tmp / sub))
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """A file or a folder of the export (a pipeline folder has sub-folders)."""
-    shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
-
-
 def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path, lock: RunLock | None) -> Path | None:
     export = out / EXPORT_DIR
     if not stop and D.dist_info().is_main:
         latest = parts.checkpointer.latest()
         src = latest / parts.export_subdir
-        names = parts.export_files or [f.name for f in src.iterdir()]
+        names = parts.export_files or [f.name for f in src.iterdir() if f.is_file()]
         if parts.publish is not None:
             parts.publish(src, export)
         else:
-            files.save_folder(out, EXPORT_DIR, lambda tmp: [_copy(src / n, tmp / n) for n in names],
+            files.save_folder(out, EXPORT_DIR, lambda tmp: [shutil.copy2(src / n, tmp / n) for n in names],
                               point_latest=False)
         print(f"[{task.name}] done: {state['samples']} samples; model exported to {export}", flush=True)
         if parts.on_finish is not None:
