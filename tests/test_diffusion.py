@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
+from bld_t2i.config import ConfigError, DiffusionConfig
 from bld_t2i.diffusion import (
+    draw_times,
     flip_loss,
     guided_logits,
     keep_factors,
@@ -212,3 +214,21 @@ def test_authors_loss_is_the_mean_of_weighted_bce_and_differs_by_2r1mr():
     balanced = flip_loss(logits, z0, z_t, "balanced", per_sample=True)
     assert torch.allclose(authors, balanced * 2 * r[:, 0] * (1 - r[:, 0]), atol=1e-6)
     assert not torch.allclose(authors, balanced)
+
+
+def test_t_power_one_is_the_uniform_draw_and_two_follows_its_cdf():
+    """(7a): t_power 1 draws exactly what U{1..T} drew before (resumed runs see the same t);
+    t_power k has P(t <= x) = (x / T)^k on 1..T."""
+    T, n = 64, 200_000
+    uniform = draw_times(n, T, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(1, T + 1, (n,), generator=torch.Generator().manual_seed(3)))
+    for k in (2.0, 0.5):
+        t = draw_times(n, T, k, torch.Generator().manual_seed(4))
+        assert t.dtype == torch.long and t.min() >= 1 and t.max() <= T
+        for x in (8, 16, 32, 48, 63):
+            assert _within_4se((t <= x).double().mean().item(), (x / T) ** k, n), (k, x)
+    assert (draw_times(n, T, 2.0, torch.Generator().manual_seed(4)) > 48).double().mean() == pytest.approx(0.4375, abs=0.01)
+    with pytest.raises(ValueError, match="t_power"):
+        draw_times(4, T, 0.0)
+    with pytest.raises(ConfigError, match="diffusion.t_power"):
+        DiffusionConfig(t_power=-1.0)

@@ -76,9 +76,15 @@ def test_zero2_loss_falls_and_resume_is_exact(tmp_path, tiny_latents, tiny_ae):
 
 def test_zero3_class_conditional_export_samples_without_deepspeed(tmp_path, tiny_latents, tiny_ae):
     out = _train(tmp_path, "z3", tiny_latents, tiny_ae, "train.zero_stage=3", "denoiser.conditioning=class",
-                 "denoiser.num_classes=10", "text_encoder.kind=none", "train.total_samples=160")
+                 "denoiser.num_classes=10", "text_encoder.kind=none", "train.total_samples=160",
+                 "diffusion.t_power=3")
     losses = _losses(out)
     assert losses[max(losses)] < losses[1]
+    # t_power 3 (docs/math.md (7a)): t <= T/4 has probability 1/64, so most 16-sample log lines
+    # have no sample in the lowest time bucket (with U{1..T}: 1% of them), the top one always
+    records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and all("loss_t3" in r for r in records)
+    assert sum("loss_t0" in r for r in records) <= 5, records
     folder = Path(out / "checkpoints" / (out / "checkpoints" / "latest").read_text())
     cfg = from_dict(json.loads((folder / "config.json").read_text()))
     assert cfg.train.zero_stage == 3 and cfg.denoiser.conditioning == "class"

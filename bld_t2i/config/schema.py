@@ -103,6 +103,9 @@ class DiffusionConfig(_Section):
     # over all bits, the authors' default) | bce
     loss: Literal["balanced", "authors", "bce"] = "balanced"
     aux_weight: float = 0.0  # auxiliary posterior (variational) term
+    # docs/math.md (7a): training times t = ceil(T u^(1/t_power)); 1 is U{1..T}, 2 draws t
+    # with density growing as t (more of the noisy times where the condition decides the image)
+    t_power: float = 1.0
     sample_steps: int = 16
     temperature: float = 1.0
     guidance: float = 0.0
@@ -118,6 +121,8 @@ class DiffusionConfig(_Section):
             check_guidance_interval(self.guidance_interval)
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        if not self.t_power > 0:
+            raise ConfigError(f"'diffusion.t_power' must be > 0, got {self.t_power}")
 
 
 @dataclass

@@ -102,17 +102,29 @@ def aux_posterior_loss(
     return F.binary_cross_entropy(pred, target)
 
 
+def draw_times(B: int, T: int, t_power: float = 1.0, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B,) training times in 1..T, docs/math.md (7a): U{1..T} for t_power 1, else
+    t = ceil(T u^(1 / t_power)), u ~ U(0, 1), whose density grows as t^(t_power - 1)."""
+    if t_power <= 0:
+        raise ValueError(f"diffusion.t_power must be > 0, got {t_power}")
+    if t_power == 1.0:
+        return torch.randint(1, T + 1, (B,), generator=generator, device=device)
+    u = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
+    return (u.pow(1.0 / t_power) * T).ceil().clamp(1, T).long()
+
+
 def training_example(
-    z_0: torch.Tensor, a: torch.Tensor, generator: torch.Generator | None = None
+    z_0: torch.Tensor, a: torch.Tensor, generator: torch.Generator | None = None, t_power: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw t ~ U{1..T} per sample and z_t ~ q(z_t | z_0).
+    """Draw t per sample (`draw_times`) and z_t ~ q(z_t | z_0).
 
     Returns (z_t, t (B,) long, t / T (B,) float): the model's time input is t / T,
     never normalised by the number of sampling steps (docs/math.md (5)).
     """
     T = a.numel() - 1
     B = z_0.shape[0]
-    t = torch.randint(1, T + 1, (B,), generator=generator, device=z_0.device)
+    t = draw_times(B, T, t_power, generator, z_0.device)
     a_t = a.to(z_0.device, z_0.dtype)[t].view(B, *([1] * (z_0.dim() - 1)))
     z_t = q_sample(z_0, a_t, generator)
     return z_t, t, t.to(torch.float32) / T
@@ -126,9 +138,10 @@ def diffusion_loss(
     kind: str = "balanced",
     aux_weight: float = 0.0,
     generator: torch.Generator | None = None,
+    t_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training loss: returns (scalar loss, per-sample flip loss, t)."""
-    z_t, t, t_in = training_example(z_0, a, generator)
+    z_t, t, t_in = training_example(z_0, a, generator, t_power)
     logits = model_fn(z_t, t_in, cond)
     per_sample = flip_loss(logits, z_0, z_t, kind, per_sample=True)
     loss = per_sample.mean()

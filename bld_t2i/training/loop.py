@@ -107,13 +107,14 @@ class _Stats:
             self.sums[k] = self.sums[k] + pair if k in self.sums else pair
 
     def reduce(self) -> dict[str, float]:
-        """Means over steps and ranks: one all-reduce and one host read per log line."""
+        """Means over steps and ranks: one all-reduce and one host read per log line. A stat
+        with no count (a time bucket no sample drew since the last line) is left out, not 0."""
         keys = sorted(self.sums)  # the same on every rank: which stats exist depends only on samples
         if not keys:
             return {}
         total = D.all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist()
         self.sums = {}
-        return {k: s / max(n, 1e-12) for k, (s, n) in zip(keys, total)}
+        return {k: s / n for k, (s, n) in zip(keys, total) if n > 0}
 
 
 def _resume(parts: Parts, name: str, info) -> dict:

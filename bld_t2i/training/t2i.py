@@ -167,7 +167,7 @@ class T2ITask:
         cond, _ = drop_condition(self.condition(batch), null, cfg.denoiser.cond_drop_prob, g)
         model_fn = self.model_fn if grid is None else partial(self.model_fn, grid=grid)
         loss, per_sample, t = diffusion_loss(model_fn, z_0, cond, self.a, cfg.diffusion.loss, cfg.diffusion.aux_weight,
-                                             g)
+                                             g, cfg.diffusion.t_power)
         self.engine.backward(loss)
         self.engine.step()  # an optimizer step at the accumulation boundary only
         bucket = ((t - 1) * TIME_BUCKETS // cfg.diffusion.T).clamp(max=TIME_BUCKETS - 1)
