@@ -115,14 +115,14 @@ class DiffusionConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from bld_t2i.diffusion.sampler import check_guidance_interval  # the sampler's own check, at load time
+        from bld_t2i.diffusion.bernoulli import check_t_power  # the diffusion core's own checks, at load time
+        from bld_t2i.diffusion.sampler import check_guidance_interval
 
         try:
             check_guidance_interval(self.guidance_interval)
+            check_t_power(self.t_power)
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
-        if not self.t_power > 0:
-            raise ConfigError(f"'diffusion.t_power' must be > 0, got {self.t_power}")
 
 
 @dataclass

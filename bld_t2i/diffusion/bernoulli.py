@@ -102,13 +102,18 @@ def aux_posterior_loss(
     return F.binary_cross_entropy(pred, target)
 
 
+def check_t_power(t_power: float) -> float:
+    """diffusion.t_power must be > 0 (docs/math.md (7a))."""
+    if not t_power > 0:
+        raise ValueError(f"diffusion.t_power must be > 0, got {t_power}")
+    return t_power
+
+
 def draw_times(B: int, T: int, t_power: float = 1.0, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """(B,) training times in 1..T, docs/math.md (7a): U{1..T} for t_power 1, else
     t = ceil(T u^(1 / t_power)), u ~ U(0, 1), whose density grows as t^(t_power - 1)."""
-    if t_power <= 0:
-        raise ValueError(f"diffusion.t_power must be > 0, got {t_power}")
-    if t_power == 1.0:
+    if check_t_power(t_power) == 1.0:
         return torch.randint(1, T + 1, (B,), generator=generator, device=device)
     u = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
     return (u.pow(1.0 / t_power) * T).ceil().clamp(1, T).long()
