@@ -1,16 +1,48 @@
-"""The Fashion-MNIST demos' own parts (data_tools/demo_fmnist.py): the inpainting inputs it
-cuts from a real shard, its prompt sheets and recipes and its closing summary. The demos
-themselves take ~15 min each and are run by hand (the unconditional one prints its per-bit
-statistics against the data); evaluation with inpainting is tested in test_evaluate.py."""
+"""The Fashion-MNIST demos (data_tools/demo_fmnist.py): the unconditional one end to end in
+its --quick form (real Fashion-MNIST, every stage's real command line, ~3 min), and the
+demos' own parts: the inpainting inputs cut from a real shard, the prompt sheets and recipes
+and the closing summary. The full demos take ~15 min each and are run by hand."""
 
 from __future__ import annotations
+
+import glob
+import json
 
 import numpy as np
 from PIL import Image
 
 from bld_t2i.config import load_config
+from bld_t2i.data.latents import read_manifest
 from bld_t2i.data.sources import FASHION_MNIST_CLASSES
+from bld_t2i.eval.bitstats import ChannelCounter, bit_stats
+from bld_t2i.eval.neighbours import read_latent_shard
 from bld_t2i.eval.sheets import read_sheet
+
+
+def test_quick_unconditional_demo_matches_the_data_bit_rates_and_inpaints(tmp_path, load_tool, capsys):
+    """The samples' per-channel bit rates lie within the stated bounds of the training latents'
+    (a denoiser that ignored the data, B(0.5) bits, is measured beside them and fails the
+    bound), no more than one channel is dead or saturated beyond the data's, and inpainting
+    keeps every known bit."""
+    load_tool("demo_fmnist").main(["--task", "uncond", "--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "uncond" / "eval" / "metrics.json").read_text())
+    (setting,) = report["settings"]
+    latents = tmp_path / "latents"
+    h, w, C = read_manifest(str(latents))["latent_shape"]
+    counter = ChannelCounter((h, w, C))
+    for shard in sorted(glob.glob(str(latents / "latents-*.tar"))):
+        counter.add(read_latent_shard(shard, h * w * C // 8).packed)
+    assert counter.latents == 2000  # the quick demo's four training shards
+    ignores_data = bit_stats(np.full(C, 0.5), counter.rates)["bit_rate_diff_mean"]
+    mean_bound, max_bound = 0.06, 0.2
+    assert ignores_data > 1.5 * mean_bound  # the bound tells a model of the data from coin flips
+    assert setting["bit_rate_diff_mean"] < mean_bound, setting
+    assert setting["bit_rate_diff_max"] < max_bound, setting
+    assert setting["dead_or_saturated"] <= setting["data_dead_or_saturated"] + 1 / C + 1e-9, setting
+    assert report["inpainting"]["settings"][setting["setting"]]["known_bits_kept"] == 1.0
+    out = capsys.readouterr().out
+    assert f"bit rate |sample - data| mean {setting['bit_rate_diff_mean']:.4f}" in out
+    assert "inpainting s16_w0_t1: known bits kept 1.0000" in out
 
 
 def test_inpainting_inputs_come_from_the_first_image_of_a_real_shard(tmp_path, load_tool):
