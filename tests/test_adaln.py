@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-from test_denoiser import NUM_CLASSES, SHAPE, TEXT_DIM, inputs, make_cond
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from test_denoiser import (
+    NUM_CLASSES,
+    SHAPE,
+    TEXT_DIM,
+    assert_checkpointing_changes_nothing,
+    assert_flops_match_a_counter,
+    inputs,
+    make_cond,
+)
 
 from bld_t2i.config import DenoiserConfig
 from bld_t2i.diffusion import diffusion_loss, keep_factors
@@ -114,27 +120,15 @@ def test_time_and_condition_change_the_output(mode):
 
 
 def test_activation_checkpointing_gives_the_same_output_and_gradients():
-    gen = torch.Generator().manual_seed(5)
-    plain = perturb(make_adaln("cross_attn"))
-    ckpt = perturb(make_adaln("cross_attn", grad_checkpointing=True))
-    z_t, t = inputs(2, gen)
-    cond = make_cond("cross_attn", 2, gen=gen)
-    for m in (plain, ckpt):
-        m(z_t, t, cond).square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert_checkpointing_changes_nothing(perturb(make_adaln("cross_attn")),
+                                         perturb(make_adaln("cross_attn", grad_checkpointing=True)))
 
 
 @pytest.mark.parametrize("mode", CONDITIONING_MODES)
 def test_flops_per_sample_matches_a_flop_counter(mode):
     model = make_adaln(mode)
-    N = 5
     for grid in (None, (2, 8)):
-        h, w = model.grid_of(grid)
-        z_t = torch.zeros(1, h * w, SHAPE[2])
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(z_t, torch.rand(1), make_cond(mode, 1, N=N), grid=grid)
-        assert model.flops_per_sample(text_len=N, grid=grid) == counter.get_total_flops(), grid
+        assert_flops_match_a_counter(model, mode, grid)
 
 
 def test_bad_time_cond_names_the_field():

@@ -121,9 +121,9 @@ def test_time_is_an_input_and_samples_are_independent():
     torch.testing.assert_close(model(z_t[:1], t[:1], {"label": cond["label"][:1]}), out[:1], atol=1e-5, rtol=1e-5)
 
 
-def test_activation_checkpointing_gives_the_same_output_and_gradients():
+def assert_checkpointing_changes_nothing(plain: Denoiser, ckpt: Denoiser) -> None:
+    """Activation checkpointing recomputes the blocks in backward: same loss, same gradients."""
     gen = torch.Generator().manual_seed(5)
-    plain, ckpt = make_model("cross_attn"), make_model("cross_attn", grad_checkpointing=True)
     z_t, t = inputs(2, gen)
     cond = make_cond("cross_attn", 2, gen=gen)
     for m in (plain, ckpt):
@@ -132,15 +132,23 @@ def test_activation_checkpointing_gives_the_same_output_and_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def assert_flops_match_a_counter(model: Denoiser, mode: str, grid: tuple[int, int] | None = None) -> None:
+    N = 5
+    h, w = model.grid_of(grid)
+    # The math backend spells attention out as matmuls, which the counter sees.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, h * w, SHAPE[2]), torch.rand(1), make_cond(mode, 1, N=N), grid=grid)
+    assert model.flops_per_sample(text_len=N, grid=grid) == counter.get_total_flops(), grid
+
+
+def test_activation_checkpointing_gives_the_same_output_and_gradients():
+    assert_checkpointing_changes_nothing(make_model("cross_attn"), make_model("cross_attn", grad_checkpointing=True))
+
+
 @pytest.mark.parametrize("mode", CONDITIONING_MODES)
 def test_flops_per_sample_matches_a_flop_counter(mode):
     model = make_model(mode)
-    N = 5
-    z_t, t = inputs(1, torch.Generator().manual_seed(6))
-    # The math backend spells attention out as matmuls, which the counter sees.
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(z_t, t, make_cond(mode, 1, N=N))
-    assert model.flops_per_sample(text_len=N) == counter.get_total_flops()
+    assert_flops_match_a_counter(model, mode)
     if mode == "cross_attn":
         with pytest.raises(ValueError, match="text_len"):
             model.flops_per_sample()
