@@ -204,41 +204,31 @@ def test_write_pretrained_from_parts_and_the_flat_layout(tmp_path, flat_model, p
                        .latents, pipe("red apple", **{**kw, "generator": _gen(4)}).latents)
 
 
-def _edit(path: Path, **changes) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+def _edit(file: str, **changes):
+    def edit(folder: Path) -> None:
+        path = folder / file
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+# (how the folder is broken, the error, the text it must carry: the file and the field at fault)
+BROKEN_FOLDERS = [
+    (_edit(INDEX_FILE, format=3), ValueError, "model_index.json: expected _class_name 'BLDPipeline' and format 2"),
+    (lambda f: (f / "denoiser" / "model.safetensors").unlink(), FileNotFoundError, "denoiser/model.safetensors"),
+    (_edit("denoiser/config.json", depth=3), ConfigError, "denoiser/config.json: unknown config key 'denoiser.depth'"),
+    (_edit("denoiser/config.json", latent_shape=[8, 8, 16]), ValueError,
+     "latent_shape \\[8, 8, 16\\] differs from the autoencoder's"),
+    (_edit("denoiser/config.json", text_dim=7), ValueError, "trained on text_dim 7"),
+    (_edit("scheduler/config.json", schedule="square"), ConfigError, "scheduler/config.json: 'diffusion.schedule'"),
+    (lambda f: (f / "text_encoder" / "config.json").write_text("{not json"), ValueError,
+     "text_encoder/config.json is not valid JSON"),
+]
 
 
 def test_broken_pipeline_folders_name_the_file_and_field(tmp_path, pipe):
     good = pipe.save_pretrained(tmp_path / "good")
-
-    def broken(name: str) -> Path:
-        return Path(shutil.copytree(good, tmp_path / name))
-
-    f = broken("format")
-    _edit(f / INDEX_FILE, format=3)
-    with pytest.raises(ValueError, match="model_index.json: expected _class_name 'BLDPipeline' and format 2"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("weights")
-    (f / "denoiser" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="denoiser/model.safetensors"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("key")
-    _edit(f / "denoiser" / "config.json", depth=3)
-    with pytest.raises(ConfigError, match="denoiser/config.json: unknown config key 'denoiser.depth'"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("shape")
-    _edit(f / "denoiser" / "config.json", latent_shape=[8, 8, 16])
-    with pytest.raises(ValueError, match="latent_shape \\[8, 8, 16\\] differs from the autoencoder's"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("text_dim")
-    _edit(f / "denoiser" / "config.json", text_dim=7)
-    with pytest.raises(ValueError, match="trained on text_dim 7"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("scheduler")
-    _edit(f / "scheduler" / "config.json", schedule="square")
-    with pytest.raises(ConfigError, match="scheduler/config.json: 'diffusion.schedule'"):
-        BLDPipeline.from_pretrained(f, device="cpu")
-    f = broken("text")
-    (f / "text_encoder" / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="text_encoder/config.json is not valid JSON"):
-        BLDPipeline.from_pretrained(f, device="cpu")
+    for i, (breaks, error, match) in enumerate(BROKEN_FOLDERS):
+        folder = Path(shutil.copytree(good, tmp_path / f"broken{i}"))
+        breaks(folder)
+        with pytest.raises(error, match=match):
+            BLDPipeline.from_pretrained(folder, device="cpu")
