@@ -169,6 +169,21 @@ def test_every_preset_builds_and_runs_on_both_grids(preset, latent_shape):
     assert model.pos_embed.shape == (1, h * w, DENOISER_PRESETS[preset][1])
 
 
+def test_depth_width_heads_override_the_preset():
+    """denoiser.depth / width / heads replace the preset's row where non-zero (0 keeps it)."""
+    model = make_model("cross_attn", depth=3, width=48, heads=3)
+    assert (len(model.blocks), model.width, model.blocks[0].attn.heads) == (3, 48, 3)
+    assert model.pos_embed.shape == (1, SHAPE[0] * SHAPE[1], 48)
+    assert_flops_match_a_counter(model, "cross_attn")  # the FLOPs follow the overrides too
+    plain, deeper = make_model("none"), make_model("none", depth=3)
+    assert (len(plain.blocks), plain.width) == DENOISER_PRESETS["tiny"][:2]
+    assert (len(deeper.blocks), deeper.width) == (3, plain.width)
+    for bad, field in [({"width": 50}, "denoiser.width"), ({"width": 64, "heads": 3}, "denoiser.width"),
+                       ({"depth": -1}, "denoiser.depth")]:
+        with pytest.raises(ValueError, match=field):
+            make_model("none", **bad)
+
+
 def test_authors_preset_has_172m_parameters():
     """24 layers, width 768, 12 heads, one pooled CLIP ViT-L/14 token, 16x16x64 latent."""
     with torch.device("meta"):

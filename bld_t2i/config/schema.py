@@ -131,6 +131,9 @@ class DenoiserConfig(_Section):
     _name = "denoiser"
 
     preset: str = "tiny"  # tiny | mini | small | base | authors (24x768, ~172M) | large | xl
+    depth: int = 0  # blocks; 0: the preset's
+    width: int = 0  # D; 0: the preset's
+    heads: int = 0  # attention heads; 0: the preset's
     conditioning: Literal["cross_attn", "pooled_token", "class", "none"] = "cross_attn"
     num_classes: int = 0  # class conditioning; label num_classes is the null class
     cond_drop_prob: float = 0.1  # caption dropout for classifier-free guidance, per sample

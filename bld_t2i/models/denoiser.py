@@ -68,6 +68,23 @@ NULL_CONDS = ("empty_caption", "learned")
 TIME_CONDS = ("token", "adaln_zero")
 
 
+def denoiser_arch(cfg: DenoiserConfig) -> tuple[int, int, int]:
+    """(depth, width D, heads): the row of `cfg.preset` with the config's non-zero overrides."""
+    if cfg.preset not in DENOISER_PRESETS:
+        raise ValueError(f"denoiser.preset: unknown preset '{cfg.preset}'; one of {sorted(DENOISER_PRESETS)}")
+    names = ("depth", "width", "heads")
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"denoiser.{name}: must be >= 0 (0: the preset's), got {getattr(cfg, name)}")
+    depth, width, heads = (getattr(cfg, k) or v for k, v in zip(names, DENOISER_PRESETS[cfg.preset]))
+    if width % heads or width % 4:
+        # 4: the 2-D sin-cos position embedding gives a quarter of the channels to each of
+        # sin and cos of the row and of the column.
+        raise ValueError(f"denoiser.width: {width} (preset '{cfg.preset}' or denoiser.width) must be divisible "
+                         f"by 4 and by the {heads} heads (denoiser.heads)")
+    return depth, width, heads
+
+
 class Denoiser(nn.Module):
     """T_theta(z_t, t, c): (B, h*w, C) bits, (B,) t/T, condition -> (B, h*w, C) flip logits.
 
@@ -84,8 +101,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, cfg: DenoiserConfig, latent_shape: tuple[int, int, int], text_dim: int = 0):
         super().__init__()
-        if cfg.preset not in DENOISER_PRESETS:
-            raise ValueError(f"denoiser.preset: unknown preset '{cfg.preset}'; one of {sorted(DENOISER_PRESETS)}")
+        depth, width, heads = denoiser_arch(cfg)
         if cfg.conditioning not in CONDITIONING_MODES:
             raise ValueError(f"denoiser.conditioning: unknown mode '{cfg.conditioning}'; one of {CONDITIONING_MODES}")
         if cfg.conditioning in TEXT_MODES and text_dim <= 0:
@@ -99,10 +115,7 @@ class Denoiser(nn.Module):
         self.cfg = cfg
         self.latent_shape = tuple(latent_shape)
         self.text_dim = text_dim
-        depth, width, heads = DENOISER_PRESETS[cfg.preset]
-        if width % heads:
-            raise ValueError(f"denoiser.preset '{cfg.preset}': width {width} is not divisible by {heads} heads")
-        self.width = width
+        self.depth, self.width = depth, width
         h, w, C = self.latent_shape
         mode = cfg.conditioning
         learned_null = mode in TEXT_MODES and cfg.null_cond == "learned"
@@ -294,7 +307,7 @@ class Denoiser(nn.Module):
         mode = self.cfg.conditioning
         if mode == "cross_attn" and text_len is None:
             raise ValueError("flops_per_sample: a cross_attn denoiser needs text_len (the text tokens N per caption)")
-        depth, D, _ = DENOISER_PRESETS[self.cfg.preset]
+        depth, D = self.depth, self.width
         h, w = self.grid_of(grid)
         C = self.latent_shape[2]
         L = h * w
