@@ -215,7 +215,10 @@ def _edit(file: str, **changes):
 BROKEN_FOLDERS = [
     (_edit(INDEX_FILE, format=3), ValueError, "model_index.json: expected _class_name 'BLDPipeline' and format 2"),
     (lambda f: (f / "denoiser" / "model.safetensors").unlink(), FileNotFoundError, "denoiser/model.safetensors"),
-    (_edit("denoiser/config.json", depth=3), ConfigError, "denoiser/config.json: unknown config key 'denoiser.depth'"),
+    (_edit("denoiser/config.json", num_layers=3), ConfigError,
+     "denoiser/config.json: unknown config key 'denoiser.num_layers'"),
+    (_edit("denoiser/config.json", depth=3), ValueError,
+     "denoiser/model.safetensors does not fit the architecture: 22 missing"),  # weights of 2 blocks, config of 3
     (_edit("denoiser/config.json", latent_shape=[8, 8, 16]), ValueError,
      "latent_shape \\[8, 8, 16\\] differs from the autoencoder's"),
     (_edit("denoiser/config.json", text_dim=7), ValueError, "trained on text_dim 7"),
