@@ -115,7 +115,7 @@ class Denoiser(nn.Module):
         self.cfg = cfg
         self.latent_shape = tuple(latent_shape)
         self.text_dim = text_dim
-        self.depth, self.width = depth, width
+        self.width = width
         h, w, C = self.latent_shape
         mode = cfg.conditioning
         learned_null = mode in TEXT_MODES and cfg.null_cond == "learned"
@@ -307,7 +307,7 @@ class Denoiser(nn.Module):
         mode = self.cfg.conditioning
         if mode == "cross_attn" and text_len is None:
             raise ValueError("flops_per_sample: a cross_attn denoiser needs text_len (the text tokens N per caption)")
-        depth, D = self.depth, self.width
+        depth, D = len(self.blocks), self.width
         h, w = self.grid_of(grid)
         C = self.latent_shape[2]
         L = h * w

@@ -106,9 +106,8 @@ class T2ITask:
         text_dim = null_emb.shape[-1] if null_emb is not None else (text_encoder.dim if text_encoder else 0)
         model = Denoiser(cfg.denoiser, latent_shape, text_dim).to(device)
         D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
-                 f"({model.depth}x{model.width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-                 f"latents {latent_shape}, "
-                 f"ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
+                 f"({len(model.blocks)}x{model.width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+                 f"latents {latent_shape}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
         if cfg.train.compile:
             model.compile()
         optimizer = optimizer_for(model, cfg)
