@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bld_t2i.config import StreamConfig
 from bld_t2i.data.latents import pack_bits, packed_size, read_manifest, unpack_bits
 from bld_t2i.data.shards import ShardError, iter_samples, join, open_shard
 from bld_t2i.progress import progress
@@ -79,7 +80,7 @@ def read_latent_shard(url: str, nbytes: int) -> LatentShard:
     packed, keys, captions, labels = [], [], [], []
     with open_shard(url) as f:
         try:
-            for raw in iter_samples(f, url):
+            for raw in iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes):
                 bits = raw.members.get("bits")
                 if bits is None or len(bits) != nbytes:
                     raise ValueError(f"{url}: sample '{raw.key}' has no .bits member of {nbytes} bytes")
