@@ -54,10 +54,13 @@ class Checkpointer:
         folder = self.latest()
         return None if folder is None else self._client(folder)
 
-    def save(self, step: int, client: dict, write_extra: Callable[[Path], None] | None = None) -> Path:
+    def save(self, step: int, client: dict, write_extra: Callable[[Path], None] | None = None,
+             before_publish: Callable[[], None] | None = None) -> Path:
         """A collective. `client` is this rank's part, gathered into lists per key except
         `trainer` and `config` (rank 0's); `write_extra(folder)` adds rank 0's own files (no
-        collectives in it: consolidate what needs every rank before calling save)."""
+        collectives in it: consolidate what needs every rank before calling save);
+        `before_publish()` may raise to keep the folder from being published (the run lock's
+        ownership check)."""
         info = D.dist_info()
         tag = files.step_tag(step)
         tmp = self.dir / f"{tag}.tmp"
@@ -75,6 +78,8 @@ class Checkpointer:
             files.atomic_write_text(tmp / "trainer.json", json.dumps(gathered["trainer"], indent=2))
             if write_extra is not None:
                 write_extra(tmp)
+            if before_publish is not None:
+                before_publish()
             files.publish(tmp, self.dir / tag)
             files.rotate(self.dir, self.keep)
         D.barrier()
