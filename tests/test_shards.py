@@ -81,14 +81,17 @@ def test_resume_is_exact_and_does_not_reread(tmp_path, write_image_shards):
     assert head == straight[: len(head)]
 
     # Garble every byte a resumed reader has no business reading: the shards each worker
-    # finished and, in its current shard, everything before its window's offset.
+    # finished and, in its current shard, everything before its window's offset (its mtime kept:
+    # a shard whose size or mtime changed is refused, test_resume_damage.py).
     urls = expand_urls(spec)
     for worker, at in state["workers"].items():
         shards = epoch_shards(urls, 5, at["epoch"], int(worker), 2, False)
         for done in shards[: at["shard"]]:
             os.truncate(done, 0)
+        stat = os.stat(shards[at["shard"]])
         with open(shards[at["shard"]], "r+b") as f:
             f.write(b"\xff" * at["offset"])
+        os.utime(shards[at["shard"]], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     resumed = image_loader(cfg, seed=5)
     resumed.load_state_dict([state])

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from bld_t2i.data.shards import RawSample, ShardError, iter_samples, open_shard
+from bld_t2i.data.shards import RawSample, ShardError, iter_samples, open_shard, shard_version
 
 log = logging.getLogger("bld_t2i.data")
 
@@ -51,19 +51,36 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class ShardChanged(RuntimeError):
+    """A shard rewritten since a position inside it was saved: its byte offsets mean nothing now."""
+
+
 class ShardReader:
     """Reads one shard from a byte offset, surviving storage faults; counts what it skips into
-    `skipped` and appends storage failures, (url, reason), to `failed`."""
+    `skipped` and appends storage failures, (url, reason), to `failed`. `versions` (url ->
+    `shard_version`, a resumed position's to begin with) is updated at every opening; reading
+    from inside a shard whose version changed raises ShardChanged naming it."""
 
-    def __init__(self, retry: Retry, max_member_bytes: int, skipped: Counter, failed: list[tuple[str, str]]):
+    def __init__(self, retry: Retry, max_member_bytes: int, skipped: Counter, failed: list[tuple[str, str]],
+                 versions: dict[str, str]):
         self.retry, self.skipped, self.failed = retry, skipped, failed
         self.max_member_bytes = max_member_bytes
+        self.versions = versions
         self.transient = transient_errors()
+
+    def _check_version(self, url: str, at: int) -> None:
+        version = shard_version(url)
+        if at > 0 and self.versions.get(url, version) != version:
+            raise ShardChanged(f"shard {url} changed since the position inside it was saved (size:tag "
+                               f"{self.versions[url]} then, {version} now): resuming would read its new bytes at "
+                               f"the old offsets. Restore the shard, or start the run in a new run.out_dir")
+        self.versions[url] = version
 
     def __call__(self, url: str, offset: int) -> Iterator[RawSample]:
         attempt, at, empty = 0, offset, True
         while True:
             try:
+                self._check_version(url, at)
                 with open_shard(url) as f:
                     for sample in iter_samples(f, url, at, max_member_bytes=self.max_member_bytes):
                         attempt, at, empty = 0, sample.end, False  # progress: the retry budget restarts

@@ -289,6 +289,15 @@ def iter_samples(f, url: str, offset: int = 0, *, max_member_bytes: int) -> Iter
         yield current
 
 
+def shard_version(url: str) -> str:
+    """"size:ETag" of an object, "size:mtime" of a local file: what changes when a shard is
+    rewritten under the same URL (a resume must not seek into the new bytes at old offsets)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
+
+
 class _GzipShard(gzip.GzipFile):
     """A decompressed .tar.gz that also closes the shard file under it (GzipFile leaves a
     file object it was given open)."""
@@ -340,20 +349,43 @@ def remove_stale_temps(url: str) -> None:
             os.remove(stale)
 
 
-def publish(tmp: str, url: str) -> None:
-    """Move a finished local temp file to `url` atomically.
+def sync_file(path: str | os.PathLike) -> None:
+    """fsync a file (or a folder: its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Local: `os.replace` (atomic on one filesystem). Object storage: a single PUT (or a
-    multipart upload, completed in one request) - the object appears whole or not at all.
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder`, files before the folder that names them."""
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            sync_file(os.path.join(root, name))
+        sync_file(root)
+
+
+def publish(tmp: str, url: str) -> None:
+    """Move a finished local temp file to `url` atomically and durably; the temp file is removed
+    whatever happens.
+
+    Local: the file's bytes are synced, `os.replace` (atomic on one filesystem) publishes it,
+    and the folder is synced so that the new name survives a crash too. Object storage: a
+    single PUT (or a multipart upload, completed in one request) - the object appears whole
+    or not at all.
     """
     fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)
-        return
     try:
-        fs.put_file(tmp, path)
+        if isinstance(fs, LocalFileSystem):
+            sync_file(tmp)
+            os.replace(tmp, path)
+            sync_file(os.path.dirname(os.path.abspath(path)))
+        else:
+            fs.put_file(tmp, path)
     finally:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_bytes(url: str) -> bytes:
@@ -393,8 +425,12 @@ class TarShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._tar.close()
-        self._file.close()
+        try:
+            self._tar.close()
+            self._file.close()
+        except BaseException:
+            os.remove(self._tmp)  # a failed last write (ENOSPC) publishes nothing and leaves nothing
+            raise
         if exc_type is None:
             publish(self._tmp, self.url)
         else:

@@ -211,7 +211,7 @@ class ShardDataset(IterableDataset):
         # A full epoch without one usable sample would spin forever: an error instead of a hang
         # (resampled: once every shard of the data set was drawn in such epochs).
         full_epoch, used, barren = pos == Position(pos.epoch) and pos.epoch not in planned, 0, set()
-        read = ShardReader(self.retry, self.max_member_bytes, skipped, failed)
+        read = ShardReader(self.retry, self.max_member_bytes, skipped, failed, dict(saved.get("versions", {})))
         delivered = saved.get("delivered", 0)  # samples decoded by this logical worker, resume included
         buckets = self._restore_buckets(saved.get("pending", []), read)
         stream = sample_stream(self.pieces_of(saved, slot), read, self.seed, slot, self.window, pos, self.finite)
@@ -222,6 +222,8 @@ class ShardDataset(IterableDataset):
                 else:
                     barren = set()
                 full_epoch, used = at.epoch not in planned, 0
+                waiting = {self.urls[ref[0]] for ref in buckets.pending()}  # the next epoch seeks only there
+                read.versions = {u: v for u, v in read.versions.items() if u in waiting}
                 continue
             try:
                 if raw.damage is not None:
@@ -239,10 +241,12 @@ class ShardDataset(IterableDataset):
             ref = (self.shard_index[raw.url], raw.offset, at.epoch, window)
             items = buckets.add(self.decoder.bucket(item), ref, item)
             if items is not None:
-                yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered)
+                # the versions of the shards opened this epoch: a resume seeks into one of them
+                yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered,
+                                  dict(read.versions))
                 failed.clear()  # in place: the reader appends to this list
         for items in buckets.drain():
-            yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered)
+            yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered, {})
 
     def _restore_buckets(self, pending: list, read: ShardReader) -> Buckets:
         """The buckets as saved: each waiting sample re-read alone from its byte offset."""
@@ -277,12 +281,12 @@ class ShardDataset(IterableDataset):
                                f"warnings name, or raise max_skip_fraction")
 
     def _batch(self, items, worker, at: Position, skipped: Counter, failed: list, pending: list,
-               delivered: int) -> dict:
+               delivered: int, versions: dict[str, str]) -> dict:
         self._check_skips(delivered, skipped, worker)  # the reader's skipped shards count too
         batch = self.decoder.collate(items)
         # `failed` holds the failures since the last batch: a flaky store must not grow every batch.
         batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped), "failed": list(failed),
-                              "delivered": delivered}
+                              "delivered": delivered, "versions": versions}
         if pending:  # samples of other buckets read before `at`, not yet delivered
             batch["_position"]["pending"] = pending
         return batch

@@ -29,6 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from bld_t2i.config import AutoencoderConfig
+from bld_t2i.data.shards import sync_file, sync_tree
 from bld_t2i.models.ae_blocks import Decoder, Encoder
 
 CONFIG_FILE = "config.json"
@@ -190,9 +191,14 @@ class BinaryAutoencoder(nn.Module):
         data = self._weights_bytes()
         fingerprint = hashlib.sha256(data).hexdigest()
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        (tmp / WEIGHTS_FILE).write_bytes(data)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"arch": dataclasses.asdict(self.arch)}, indent=2))
-        (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        try:
+            (tmp / WEIGHTS_FILE).write_bytes(data)
+            (tmp / CONFIG_FILE).write_text(json.dumps({"arch": dataclasses.asdict(self.arch)}, indent=2))
+            (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+            sync_tree(tmp)  # on disk before the rename publishes it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (ENOSPC) leaves no temp folder
+            raise
         if folder.exists():  # replace an older export: move it aside first so the swap is one rename
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
@@ -200,6 +206,7 @@ class BinaryAutoencoder(nn.Module):
             shutil.rmtree(old)
         else:
             os.replace(tmp, folder)
+        sync_file(folder.parent)
         return fingerprint
 
     @classmethod
