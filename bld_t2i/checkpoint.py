@@ -24,7 +24,7 @@ from bld_t2i.data.shards import publish as publish_file
 log = logging.getLogger("bld_t2i.checkpoint")
 
 LATEST = "latest"
-COMPLETE = "COMPLETE"  # written last into a checkpoint or export folder: everything before it is whole
+COMPLETE = "COMPLETE"  # written last into a checkpoint folder: everything before it is whole
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -85,9 +85,10 @@ def read_latest(ckpt_dir: str | Path) -> Path | None:
 
 
 def publish(tmp_folder: Path, final_folder: Path, point_latest: bool = True) -> None:
-    """Rename a completed folder into place (and point `latest` at it); its completeness marker
-    is written last, and the folder synced, before the rename."""
-    atomic_write_text(tmp_folder / COMPLETE, "")
+    """Rename a completed folder into place, every file synced first. A checkpoint folder (one
+    that `latest` points at) gets its completeness marker, written last, before the rename."""
+    if point_latest:
+        atomic_write_text(tmp_folder / COMPLETE, "")
     sync_tree(tmp_folder)  # files a backend wrote (DeepSpeed's shards) are synced here
     if final_folder.exists():
         shutil.rmtree(final_folder)

@@ -69,8 +69,11 @@ def test_files_shards_checkpoints_and_exports_are_synced_before_and_after_publis
     from bld_t2i.config import AutoencoderConfig
 
     ae = BinaryAutoencoder.from_config(AutoencoderConfig(preset="ae64-tiny", resolution=16))
-    ae.save_pretrained(tmp_path / "export")
+    ae.save_pretrained(tmp_path / "ae")
+    check_published(calls, tmp_path / "ae")
+    files.save_folder(tmp_path, "export", lambda tmp: (tmp / "model_index.json").write_text("{}"), point_latest=False)
     check_published(calls, tmp_path / "export")
+    assert not (tmp_path / "export" / files.COMPLETE).exists()  # a pipeline folder keeps its documented layout
 
 
 def enospc(*args, **kwargs):

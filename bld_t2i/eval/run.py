@@ -4,7 +4,7 @@ Layout of the output folder:
 
     images/{setting}/{prompt id}/{i:03d}.png   the samples, and {i:03d}.bits their packed latents
     grids/{setting}/{prompt id}.png             one grid per prompt and setting
-    neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours)
+    neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours; safe names)
     timing/rank{r}.json                         generation and decode seconds per setting, per rank
     metrics.json, metrics.csv, prompts.csv, neighbours.json, index.html
     inpaint/images/..., inpaint/grids/...       with an inpainting image and mask: the same layout,

@@ -235,8 +235,9 @@ class BinaryAutoencoder(nn.Module):
             state = load_safetensors(data)
         except SafetensorError as e:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        with torch.device("meta"):  # the config checked against the weights before it allocates anything
+            check_state_dict(cls(arch), state, weights_path)
         model = cls(arch)
-        check_state_dict(model, state, weights_path)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 

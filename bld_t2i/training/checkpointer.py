@@ -15,6 +15,7 @@ atomically, so a crash mid-save leaves the previous checkpoint as the one to res
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -124,8 +125,10 @@ class Checkpointer:
 
 
 def _load(path: Path) -> dict:
+    """A checkpoint file holds tensors, dicts, lists and numbers only: torch's weights_only
+    loader never runs code from the file (a run folder may be shared or copied)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RuntimeError(f"cannot resume: {path} is unreadable ({e}); delete its folder to resume from the one "
-                           "before") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise RuntimeError(f"cannot resume: {path} is unreadable or holds more than tensors and plain data ({e}); "
+                           f"delete {path.parent} to resume from the checkpoint before") from e
