@@ -277,6 +277,11 @@ def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: Ev
     inpainting = read_inpainting(opts, pipe)
     generate(pipe, rows, out, opts, inpainting)
     D.barrier()
-    report = measure(pipe, rows, out, opts, inpainting) if D.dist_info().is_main else None
-    D.barrier()
+    report = None
+
+    def measure_on_main() -> None:  # cold caches (reference features, CLIP neighbours) can take hours
+        nonlocal report
+        report = measure(pipe, rows, out, opts, inpainting)
+
+    D.main_work(measure_on_main, "measuring the samples")
     return report

@@ -97,13 +97,8 @@ class Checkpointer:
             return None
         if self.engine is not None:
             load_dir, tag = str(self.dir), folder.name
-            if self.universal:  # written by another number of ranks: merge its partitions once
-                if D.dist_info().is_main and not (folder / UNIVERSAL).is_dir():
-                    tmp = folder / f"{UNIVERSAL}.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed half way
-                    D.to_universal(str(folder), str(tmp))
-                    tmp.rename(folder / UNIVERSAL)
-                D.barrier()
+            if self.universal:  # written by another number of ranks: merge its partitions once, on rank 0
+                D.main_work(lambda: _make_universal(folder), f"converting {folder} to a universal checkpoint")
                 load_dir, tag = str(folder), UNIVERSAL
             path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
             if path is None:
@@ -122,6 +117,17 @@ class Checkpointer:
         client = _load(folder / CLIENT)
         client["folder"] = str(folder)
         return client
+
+
+def _make_universal(folder: Path) -> None:
+    """DeepSpeed's universal form of a checkpoint folder, made once (minutes for a large model)."""
+    if (folder / UNIVERSAL).is_dir():
+        return
+    tmp = folder / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed half way
+    D.to_universal(str(folder), str(tmp))
+    files.sync_tree(tmp)
+    tmp.rename(folder / UNIVERSAL)
 
 
 def _load(path: Path) -> dict:
