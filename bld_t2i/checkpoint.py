@@ -1,8 +1,10 @@
 """Atomic files and checkpoint folders: a crash mid-save never replaces a good file.
 
 Layout of a run's `checkpoints/` folder: one folder per checkpoint (`step_000000123`),
-written under a `.tmp` name and renamed when complete, and a `latest` file naming the
-newest complete one, replaced atomically. Rotation keeps the newest K.
+written under a `.tmp` name, its `COMPLETE` marker written last, every file synced, and
+renamed when complete; a `latest` file naming the newest complete one, replaced atomically
+(a broken `latest` falls back to the newest folder with its marker). Rotation keeps the
+newest K. Every publish syncs the file before the rename and the folder after it.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
     <out_dir>/checkpoints/step_000000123/   one folder per checkpoint, written as `.tmp`
         client.pt                             trainer state, data positions and RNG of every rank, config
+                                              (tensors and plain data: loaded with weights_only=True)
+        COMPLETE                              written last: the folder is whole
         trainer.json                          the trainer state, readable
         model.safetensors, config.json        the consolidated EMA weights (the export)
         <backend files>                       DeepSpeed: the engine's shards, written by every rank;
