@@ -152,7 +152,8 @@ def main_work(work: Callable[[], None], what: str) -> None:
     _main_work_calls += 1
     info = dist_info()
     if not (dist.is_available() and dist.is_initialized()) or info.world_size == 1:
-        work()
+        if info.is_main:  # no process group: the other ranks have nothing to wait on
+            work()
         return
     store = dist.distributed_c10d._get_default_store()
     key = f"bld_t2i/main_work/{_main_work_calls}"
