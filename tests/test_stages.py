@@ -168,7 +168,8 @@ def test_init_from_an_export_arrives_and_validates_alike_on_1_and_2_ranks(tmp_pa
     assert f"[init] weights from {export} (pipeline export): loaded" in log, log[-3000:]
 
     # the source model's loss on the run's first batch, with the step's own random draws
-    cfg = load_config(str(ROOT / "recipes/test/t2i_tiny.yaml"), [*CLASS, "latents.batch_size=4"])
+    cfg = load_config(str(ROOT / "recipes/test/t2i_tiny.yaml"),
+                      [*CLASS, "latents.batch_size=4", f"latents.shards={tiny_latents}"])
     parts = load_pretrained(export, torch.device("cpu"))
     model = parts.denoiser.eval()
     loader = latent_loader(cfg.latents, cfg.run.seed, parts.autoencoder.fingerprint, parts.autoencoder.latent_shape,
@@ -197,7 +198,8 @@ def test_init_from_an_export_arrives_and_validates_alike_on_1_and_2_ranks(tmp_pa
     assert "resumed from step 1" in rerun and "[init]" not in rerun, rerun[-3000:]
     v1 = [r for r in _records(one) if "val/loss" in r]
     v2 = [r for r in _records(two) if "val/loss" in r]
-    assert [r["samples"] for r in v1] == [0, 8] and [r["samples"] for r in v2] == [0, 32]
+    # the first launch ended at its max_steps (16 samples): a run validates at its end
+    assert [r["samples"] for r in v1] == [0, 8] and [r["samples"] for r in v2] == [0, 16, 32]
     for a in (*v1, *v2):
         for k in ("val/loss", "val/loss_t2", "val/loss_t14"):
             assert abs(a[k] - v1[0][k]) <= 1e-6, (k, a[k], v1[0][k])
