@@ -34,7 +34,11 @@ from bld_t2i.models.ae_blocks import Decoder, Encoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FINGERPRINT_FILE = "fingerprint"
+WEIGHTS_SHA_FILE = "fingerprint"  # sha256 of model.safetensors (the file name predates `fingerprint`'s meaning)
+# The rule that turns the encoder's output into the stored code: part of the fingerprint, so a
+# change of rule (not only of weights) invalidates latents encoded by the old one.
+CODE_RULE = "bld-code-1: b = 1[sigmoid(to_logits(encoder(x))) > 0.5], (B, h, w, C)"
+ENCODER_PREFIXES = ("encoder.", "to_logits.")  # the tensors that determine the code
 
 
 # ----------------------------------------------------------------------------- presets
@@ -93,13 +97,28 @@ class AEOutput(NamedTuple):
     bits: torch.Tensor  # (B, C, h, w) sampled 0/1 with the straight-through gradient
 
 
+def _safetensors_bytes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("",)) -> bytes:
+    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items() if k.startswith(prefixes)})
+
+
+def code_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of what determines the latents: the code rule and the encoder's and logit head's
+    tensors of an autoencoder's state dict. The decoder is left out: fine-tuning it alone keeps
+    the fingerprint, and the latent shards encoded before stay valid. The resolution is left out
+    too (the encoder is convolutional); the latent manifests check the grid on their own."""
+    return hashlib.sha256(CODE_RULE.encode() + _safetensors_bytes(state, ENCODER_PREFIXES)).hexdigest()
+
+
 # ----------------------------------------------------------------------------- the model
 
 
 class BinaryAutoencoder(nn.Module):
-    def __init__(self, arch: AEArch):
+    def __init__(self, arch: AEArch, encoder_of: tuple[str, ...] = ()):
         super().__init__()
         self.arch = arch
+        # weights_sha256 of the autoencoders whose encoder this one kept bit for bit (a decoder
+        # fine-tune's ancestry): latent manifests of version 1-2 name those (docs/data_formats.md)
+        self.encoder_of = tuple(encoder_of)
         self.encoder = Encoder(arch)
         self.to_logits = nn.Conv2d(self.encoder.out_channels, arch.bits, 1)  # the 1x1 head to C bits
         emb_width = arch.base_width * arch.mults[-1]
@@ -173,28 +192,41 @@ class BinaryAutoencoder(nn.Module):
     # -- export
 
     def _weights_bytes(self) -> bytes:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        return save_safetensors(tensors)
+        return _safetensors_bytes(self.state_dict())
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights, exactly as `save_pretrained` writes them to model.safetensors."""
+        """What latent manifests check: `code_fingerprint` of the weights."""
+        return code_fingerprint(self.state_dict())
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of all the weights, exactly as `save_pretrained` writes model.safetensors."""
         return hashlib.sha256(self._weights_bytes()).hexdigest()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> str:
-        """Write config.json, model.safetensors and fingerprint; atomic (temp folder, then rename).
+    @property
+    def legacy_fingerprints(self) -> tuple[str, ...]:
+        """What latent manifests of versions 1-2 name for this encoder: the weights' sha256 of
+        this autoencoder and of those whose encoder it kept (`encoder_of`)."""
+        return (self.weights_sha256, *self.encoder_of)
 
-        Returns the fingerprint.
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write config.json (the architecture, the encoder's fingerprint and ancestry),
+        model.safetensors and its sha256 (`fingerprint` file); atomic (temp folder, then rename).
+
+        Returns the (encoder) fingerprint.
         """
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         data = self._weights_bytes()
-        fingerprint = hashlib.sha256(data).hexdigest()
+        fingerprint = self.fingerprint
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
             (tmp / WEIGHTS_FILE).write_bytes(data)
-            (tmp / CONFIG_FILE).write_text(json.dumps({"arch": dataclasses.asdict(self.arch)}, indent=2))
-            (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+            config = {"arch": dataclasses.asdict(self.arch), "fingerprint": fingerprint,
+                      "encoder_of": list(self.encoder_of)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (tmp / WEIGHTS_SHA_FILE).write_text(hashlib.sha256(data).hexdigest() + "\n")
             sync_tree(tmp)  # on disk before the rename publishes it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a failed write (ENOSPC) leaves no temp folder
@@ -211,16 +243,18 @@ class BinaryAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> BinaryAutoencoder:
-        """Load an exported folder; the weights must match the fingerprint and the architecture exactly."""
+        """Load an exported folder; the weights must match their sha256 and the architecture exactly."""
         folder = Path(folder)
-        config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / FINGERPRINT_FILE
+        config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / WEIGHTS_SHA_FILE
         for path in (config_path, weights_path, fp_path):
             if not path.is_file():
                 raise FileNotFoundError(f"autoencoder export is missing {path}")
         try:
-            arch_dict = json.loads(config_path.read_text())["arch"]
+            config = json.loads(config_path.read_text())
+            arch_dict = config["arch"]
             arch_dict["mults"] = tuple(arch_dict["mults"])
             arch = AEArch(**arch_dict)
+            encoder_of = tuple(str(s) for s in config.get("encoder_of", ()))  # exports before it: none
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{config_path} does not describe a binary autoencoder: {e}") from e
         data = weights_path.read_bytes()
@@ -236,8 +270,8 @@ class BinaryAutoencoder(nn.Module):
         except SafetensorError as e:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
         with torch.device("meta"):  # the config checked against the weights before it allocates anything
-            check_state_dict(cls(arch), state, weights_path)
-        model = cls(arch)
+            check_state_dict(cls(arch, encoder_of), state, weights_path)
+        model = cls(arch, encoder_of)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 
