@@ -47,7 +47,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PIP) install -q --upgrade pip setuptools wheel $(QUIET_PIP)
 	@$(PIP) install -q torch torchvision $(QUIET_PIP)
 	@# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++ ops to JIT on first use.
-	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16" $(QUIET_PIP)
+	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.19.0" $(QUIET_PIP)
 	@# the package's own dependencies are ranges; constraints.txt pins the tested set (and spares
 	@# pip minutes of backtracking over the s3fs/aiobotocore/botocore line)
 	@$(PIP) install -q -c constraints.txt -e ".[test,metrics,tables,demo]" $(QUIET_PIP)

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import machine_stamp, write_result
@@ -94,12 +95,15 @@ def measure(args) -> dict:
     B = args.batch_size
     model = Denoiser(cfg.denoiser, (h, w, C), TEXT_DIM).to(device)
     optimizer = optimizer_for(model, cfg)
-    batch = {"bits": (torch.rand(B, h * w, C) < 0.5).to(torch.uint8),  # as the latent loader gives them
+    bits = (torch.rand(B, h * w * C) < 0.5).numpy()
+    batch = {"packed": torch.from_numpy(np.packbits(bits, axis=1)),  # as the latent loader gives them
              "emb": torch.randn(B, TEXT_LEN, TEXT_DIM).half(), "emb_mask": torch.ones(B, TEXT_LEN, dtype=torch.bool)}
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     null_text = null_condition_text(None, torch.zeros(1, TEXT_DIM), device)
     if args.path == "deepspeed":
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
-            cfg.train.zero_stage, B, cfg.train.grad_accum, cfg.optim.grad_clip, args.precision))
+            cfg.train, B, cfg.train.grad_accum, cfg.optim.grad_clip, sum(p.numel() for p in model.parameters())))
         dtype = None
     else:
         engine, dtype = PlainEngine(model, optimizer, cfg.optim.grad_clip, args.precision == "bf16"), torch.float32
