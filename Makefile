@@ -66,7 +66,8 @@ bench: setup
 	$(PY) bench/run_all.py
 
 # On a CUDA machine (no `setup`: it may lack the internet and the venv): GPU tests and the
-# GPU benches within 8 minutes, results in $(OUT) (bench/gpu_check.sh; GPU_CHECK_DRY=1 on a CPU).
+# GPU benches within 7 minutes, results in $(OUT) (bench/gpu_check.sh; GPU_CHECK_DRY=1 on a CPU).
+# It installs ./.whl first: `bash bench/build_wheels.sh` on a machine with the internet.
 OUT ?= gpu_results
 gpu-check:
 	OUT=$(abspath $(OUT)) bash bench/gpu_check.sh

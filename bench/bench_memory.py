@@ -12,7 +12,8 @@ per-sample cost of the stem and of one block, exactly linear in both), with and 
 `denoiser.grad_checkpointing`. The frozen text encoder's weights (float32, bf16 autocast) are
 added where the recipe encodes captions on the fly.
 
-Writes bench/results/memory_cpu.md (the numbers do not depend on the machine).
+Writes bench/results/memory_<cpu|gpu>.md (run_all.py's naming; the numbers do not depend on
+the machine).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bld_t2i import distributed as D
 from bld_t2i.config import load_config
 from bld_t2i.models.denoiser import Denoiser, denoiser_arch
 
-from common import machine_stamp, write_result
+from common import device_suffix, machine_stamp, write_result
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ counted: the CUDA context and NCCL (~1-2 GiB), allocator fragmentation, the step
 logits and loss, the optimizer step's). "fits" leaves 10% for those. Text encoder: {RECIPES['t2i_256'][3]}
 (256 px) and {RECIPES['t2i_1024'][3]} (1024 px) weights in float32 on every rank, run under bf16 autocast;
 0 with latents.use_embeddings."""
-    path = write_result("memory_cpu", "Denoiser memory per rank by ZeRO stage (estimate)", rows, notes, stamp)
+    path = write_result(f"memory_{device_suffix()}", "Denoiser memory per rank by ZeRO stage (estimate)", rows, notes, stamp)
     print(path.read_text())
 
 

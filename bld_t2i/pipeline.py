@@ -20,9 +20,10 @@ Images are drawn in batches, image i from its own generator, so it is the image 
 gives alone; `pipe(...)` draws those per-image seeds from `generator` (`seeds_from_generators`)
 and returns them. The condition's attention keys and values are computed once per batch
 (`Denoiser.prepare_condition`). GPU: dtype bf16 (bf16 weights, autocast keeps norms and
-softmax in fp32), `compile=True` (torch.compile with CUDA graphs): every batch is then padded to `batch_size`
-rows and a guided call runs its guided 2B-row forward at every step, so a call compiles one
-graph shape and replays it (`sample(one_shape=True)`); eager sampling does neither.
+softmax in fp32), `compile=True` (torch.compile with CUDA graphs): every batch is then padded
+to `batch_size` rows and a guided call runs its guided 2B-row forward at every step, so that
+all calls of one batch size and guidance compile one graph shape and replay it
+(`sample(one_shape=True)`; tests/test_compile_shapes.py); eager sampling does neither.
 """
 
 from __future__ import annotations

@@ -82,7 +82,9 @@ class SampleConfig(_Section):
     inpaint: Literal["clamp", "renoise"] = "clamp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False  # torch.compile the denoiser (CUDA graphs on a GPU)
+    # torch.compile the denoiser (CUDA graphs on a GPU); every batch is padded to batch_size images
+    # and guided at every step, so that one graph shape serves the whole call
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,7 +18,9 @@ the bits still packed (8x fewer bytes to copy to the device; `unpack_bits_tensor
 them there), ``grid`` (h, w) ints, ``caption``, ``key``, ``label``, ``json`` as for images;
 with embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
 (models.text_encoders.condition_from_embeddings turns them into a condition), N the batch's
-longest caption, or `text_length` where one is given (a compiled step sees one shape).
+longest caption, or `text_length` where one is given (a compiled step sees one shape); with
+a `tokenize` (a text encoder's), the captions' ``text_ids`` and ``text_mask``, tokenized in
+the loader's workers.
 Tensors are pinned with `pin_memory`, so the trainer copies them with non_blocking.
 """
 
@@ -123,10 +125,11 @@ def grid_member(data: bytes | None, default: tuple[int, int]) -> tuple[int, int]
 class LatentDecoder(Decoder):
     """Latent samples of any grid of C bits; the stream batches them by grid (`bucket`)."""
 
-    def __init__(self, latent_shape, use_embeddings: bool, text_length: int = 0):
+    def __init__(self, latent_shape, use_embeddings: bool, text_length: int = 0, tokenize=None):
         self.latent_shape = tuple(latent_shape)
         self.use_embeddings = use_embeddings
         self.text_length = text_length  # 0: pad text to the batch's longest caption
+        self.tokenize = tokenize  # models.text_encoders.Tokenizer, or None
 
     def sample(self, raw: RawSample):
         m = raw.members
@@ -174,10 +177,13 @@ class LatentDecoder(Decoder):
             for i, e in enumerate(embs):
                 emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
             batch.update(emb=emb, emb_mask=mask)
+        if self.tokenize is not None:
+            tokens = self.tokenize(batch["caption"])
+            batch.update(text_ids=tokens["ids"], text_mask=tokens["mask"])
         return batch
 
     def finish(self, batch: dict) -> dict:
-        for name in ("packed", "label", "emb", "emb_mask"):
+        for name in ("packed", "label", "emb", "emb_mask", "text_ids", "text_mask"):
             if name in batch:
                 batch[name] = torch.from_numpy(batch[name])
         return batch
@@ -190,14 +196,15 @@ def null_embedding(folder: str) -> torch.Tensor:
 
 def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape, rank: int | None = None,
                   world_size: int | None = None, finite: bool = False, text_length: int = 0,
-                  pin_memory: bool = False) -> ShardLoader:
+                  pin_memory: bool = False, tokenize=None) -> ShardLoader:
     """The resumable latent loader of this rank. `fingerprint` and `latent_shape` are the
     recipe's autoencoder's; shards encoded by another are refused. `text_length`: pad the
-    embeddings to it (0: to each batch's longest); `pin_memory`: batches in page-locked memory."""
+    embeddings to it (0: to each batch's longest); `pin_memory`: batches in page-locked memory;
+    `tokenize`: a text encoder's, run on each batch's captions in the workers."""
     rank, world_size = rank_and_world(rank, world_size)
     if not cfg.shards:
         raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
     check_manifests(cfg.shards, fingerprint, latent_shape)
-    dataset = ShardDataset(cfg.shards, LatentDecoder(latent_shape, cfg.use_embeddings, text_length), cfg, seed, rank,
-                           world_size, finite)
+    decoder = LatentDecoder(latent_shape, cfg.use_embeddings, text_length, tokenize)
+    dataset = ShardDataset(cfg.shards, decoder, cfg, seed, rank, world_size, finite)
     return ShardLoader(dataset, cfg.num_workers, pin_memory)

@@ -7,7 +7,9 @@ Every encoder returns the condition dict the denoiser takes (bld_t2i/models/deno
 with N = cfg.max_length (captions padded or truncated) and D = `.dim`. Encoders are frozen
 (eval mode, no gradients) and live outside the training engine. On CUDA they run under bf16
 autocast (`_precision`; the outputs are float32 still): in float32 the 256 px recipe's text
-tower added an estimated third to each step, T5-XL about doubled it; token ids travel pinned.
+tower added an estimated third to each step, T5-XL about doubled it. `encode` is
+`encode_tokens(**tokenize(captions))`; `tokenize` is picklable, so the trainer's latent loader
+tokenizes in its workers and the training thread only copies pinned ids to the device.
 
 Kinds (`cfg.kind`):
   hf         a Hugging Face model from a local folder or a hub id (where a network exists):
@@ -35,6 +37,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -47,8 +50,16 @@ RANDOM_INIT_SEED = 0  # every rank builds the same random encoder
 
 class TextEncoder(Protocol):
     dim: int
+    tokenize: Tokenizer  # picklable: the latent loader's workers tokenize with it
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]: ...
+
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class Tokenizer(Protocol):
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """{"ids": (B, N') int64, "mask": (B, N') bool} on the host, N' the tokenizer's fixed length."""
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,12 +97,28 @@ def _precision(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`: pinned first on CUDA, so that the copy does not wait."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+def _to_device(t: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host ids or mask on `device`: pinned first on CUDA (the loader pins them already), so
+    that the copy does not wait."""
+    t = torch.as_tensor(t)
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer padding and truncating to max_length (picklable)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="np")
+        return {"ids": batch["input_ids"].astype(np.int64), "mask": batch["attention_mask"].astype(bool)}
 
 
 class HFTextEncoder:
@@ -101,19 +128,21 @@ class HFTextEncoder:
         if max_length > tokenizer.model_max_length:
             raise ValueError(f"text_encoder.max_length {max_length} exceeds the model's {tokenizer.model_max_length} tokens")
         self.model = _freeze(model, device)
-        self.tokenizer = tokenizer
+        self.tokenize = HFTokenizer(tokenizer, max_length)
         self.max_length = max_length
         self.device = torch.device(device)
         self.use_pooler = model.config.model_type in ("clip", "clip_text_model")
         self.dim = model.config.hidden_size
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        ids = _to_device(batch["input_ids"], self.device)  # (B, N)
-        mask = _to_device(batch["attention_mask"], self.device).bool()  # (B, N)
+        out = self.tokenize(captions)
+        return self.encode_tokens(out["ids"], out["mask"])
+
+    @torch.no_grad()
+    def encode_tokens(self, ids: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """`tokenize`'s output (here, or from the loader's workers) -> the condition."""
+        ids = _to_device(ids, self.device)  # (B, N)
+        mask = _to_device(mask, self.device).bool()  # (B, N)
         with _precision(self.device):
             out = self.model(input_ids=ids, attention_mask=mask.long())
         tokens = out.last_hidden_state.float()  # (B, N, D)
@@ -182,6 +211,17 @@ def _build_hf(cfg: TextEncoderConfig, device: torch.device | str) -> HFTextEncod
 # ----------------------------------------------------------------------------- OpenCLIP
 
 
+class OpenCLIPTokenizer:
+    """OpenCLIP's tokenizer: ids (B, context) 0-padded, mask = ids != 0 (picklable)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        ids = self.tokenizer(list(captions)).numpy().astype(np.int64)
+        return {"ids": ids, "mask": ids != 0}
+
+
 class OpenCLIPTextEncoder:
     """An OpenCLIP text tower: tokens = the per-token output after the final LayerNorm,
     pooled = the projected text embedding (the authors' condition)."""
@@ -194,7 +234,7 @@ class OpenCLIPTextEncoder:
         elif not isinstance(getattr(model, "text", None), open_clip.transformer.TextTransformer):
             raise ValueError(f"text_encoder: OpenCLIP model {type(model).__name__} has no TextTransformer text tower")
         self.model = _freeze(model, device)
-        self.tokenizer = tokenizer
+        self.tokenize = OpenCLIPTokenizer(tokenizer)
         self.device = torch.device(device)
         context_length = tokenizer.context_length
         if max_length > context_length:
@@ -229,15 +269,21 @@ class OpenCLIPTextEncoder:
             pooled = pooled @ m.text_projection
         return tokens, pooled
 
-    @torch.no_grad()
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        ids = _to_device(self.tokenizer(list(captions)), self.device)  # (B, context), 0-padded
+        out = self.tokenize(captions)
+        return self.encode_tokens(out["ids"], out["mask"])
+
+    @torch.no_grad()
+    def encode_tokens(self, ids: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """`tokenize`'s output (here, or from the loader's workers) -> the condition."""
+        ids = _to_device(ids, self.device)  # (B, context), 0-padded
         with _precision(self.device):
             tokens, pooled = self._tower(ids)
         # The text transformer is causal, so cutting the sequence after the fact is exact
         # for the kept positions; pooled still sees the whole caption.
         N = self.max_length
-        return {"tokens": tokens[:, :N].float(), "mask": (ids[:, :N] != 0), "pooled": pooled.float()}
+        mask = _to_device(mask, self.device).bool()[:, :N]
+        return {"tokens": tokens[:, :N].float(), "mask": mask, "pooled": pooled.float()}
 
 
 def _build_open_clip(cfg: TextEncoderConfig, device: torch.device | str) -> OpenCLIPTextEncoder:

@@ -101,11 +101,13 @@ class T2ITask:
         fingerprint, latent_shape = expected_latents(cfg)
         # compiled: stored text embeddings padded to max_length, so that every batch has one shape
         text_length = cfg.text_encoder.max_length if cfg.train.compile else 0
-        loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size,
-                               text_length=text_length, pin_memory=device.type == "cuda")
         text_encoder = None
         if cfg.denoiser.conditioning in TEXT_MODES and not cfg.latents.use_embeddings:
             text_encoder = build_text_encoder(cfg.text_encoder, device)
+        # captions tokenized in the loader's workers, batches pinned for copies that don't wait
+        loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size,
+                               text_length=text_length, pin_memory=device.type == "cuda",
+                               tokenize=text_encoder.tokenize if text_encoder is not None else None)
         null_emb = None
         if cfg.latents.use_embeddings:
             null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
@@ -154,7 +156,7 @@ class T2ITask:
         if self.cfg.latents.use_embeddings:  # pinned by the loader on CUDA: the copies don't wait
             return condition_from_embeddings(batch["emb"].to(device, non_blocking=True),
                                              batch["emb_mask"].to(device, non_blocking=True))
-        return self.text_encoder.encode(batch["caption"])
+        return self.text_encoder.encode_tokens(batch["text_ids"], batch["text_mask"])  # tokenized by the loader
 
     def model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None,
                  grid: tuple[int, int] | None = None) -> torch.Tensor:
