@@ -11,7 +11,7 @@
     single-threaded DDP ranks, 24 against 21.6 images/s), or under torchrun as `--nproc` CPU
     ranks of one thread each, from an empty output folder, timed from start to export; the held-out metrics
     are the trainer's own final evaluation
-    (`eval.json`: deterministic codes of the eval shards). Writes bench/results/ae_<cpu|gpu>.md.
+    (`eval.json`: deterministic codes of the held-out val.shards). Writes bench/results/ae_<cpu|gpu>.md.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def train_recipe(recipe: str, out: Path, nproc: int) -> dict:
     h, w, c = ae.latent_shape
     return {"recipe": recipe, "preset": cfg.autoencoder.preset, "bits/image": h * w * c, "ranks": nproc,
             "train samples": cfg.train.total_samples, "wall time (min)": seconds / 60,
-            "held-out images": metrics["eval/images"], "PSNR (dB)": metrics["eval/psnr"], "SSIM": metrics["eval/ssim"],
-            "dead bits": metrics["eval/dead_bits"], "bit entropy": metrics["eval/bit_entropy"]}
+            "held-out images": metrics["val/images"], "PSNR (dB)": metrics["val/psnr"], "SSIM": metrics["val/ssim"],
+            "dead bits": metrics["val/dead_bits"], "bit entropy": metrics["val/bit_entropy"]}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -323,6 +324,20 @@ def to_universal(folder: str, out: str) -> None:
     ds_to_universal.main(SimpleNamespace(input_folder=folder, output_folder=out, num_extract_workers=1,
                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
                                          inject_missing_state=False))
+
+
+def checkpoint_fp32_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 training weights of a DeepSpeed checkpoint folder, whole: ZeRO 1-3 partitions
+    merged from any world size (DeepSpeed's zero_to_fp32), ZeRO-0's module state as saved."""
+    folder = Path(folder)
+    if any(folder.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    path = folder / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a DeepSpeed checkpoint (no *_optim_states.pt or {path.name})")
+    return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

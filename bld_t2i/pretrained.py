@@ -104,7 +104,8 @@ def load_pretrained(folder: str | Path, device: torch.device) -> PretrainedParts
     return _load_flat(folder, device)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder's file; a clear error naming it otherwise."""
     if not path.is_file():
         raise FileNotFoundError(f"exported model is missing {path}")
     try:
@@ -126,7 +127,7 @@ def _section(name: str, data: dict, path: Path):
 
 def _load_index(folder: Path, device: torch.device) -> PretrainedParts:
     index_path = folder / INDEX_FILE
-    index = _read_json(index_path)
+    index = read_json(index_path)
     if index.get("_class_name") != "BLDPipeline" or index.get("format") != FORMAT:
         raise ValueError(f"{index_path}: expected _class_name 'BLDPipeline' and format {FORMAT}, got "
                          f"{index.get('_class_name')!r} and {index.get('format')!r}")
@@ -134,7 +135,7 @@ def _load_index(folder: Path, device: torch.device) -> PretrainedParts:
         if index.get(part) != kind:
             raise ValueError(f"{index_path}: part '{part}' must be {kind}, got {index.get(part)!r}")
     den_path = folder / "denoiser" / CONFIG_FILE
-    den = _read_json(den_path)
+    den = read_json(den_path)
     missing = [k for k in ("latent_shape", "text_dim") if k not in den]
     if missing:
         raise ValueError(f"{den_path}: missing field(s) {missing}")
@@ -148,8 +149,8 @@ def _load_index(folder: Path, device: torch.device) -> PretrainedParts:
     cfg.run.name = str(index.get("name", cfg.run.name))
     cfg.denoiser = _section("denoiser", den, den_path)
     te_path, sched_path = folder / "text_encoder" / CONFIG_FILE, folder / "scheduler" / CONFIG_FILE
-    cfg.text_encoder = _section("text_encoder", _read_json(te_path), te_path)
-    cfg.diffusion = _section("diffusion", _read_json(sched_path), sched_path)
+    cfg.text_encoder = _section("text_encoder", read_json(te_path), te_path)
+    cfg.diffusion = _section("diffusion", read_json(sched_path), sched_path)
     cfg.autoencoder.path = str(folder / "autoencoder")
     autoencoder = BinaryAutoencoder.from_pretrained(cfg.autoencoder.path)
     if latent_shape != autoencoder.latent_shape:
@@ -166,7 +167,7 @@ def _load_flat(folder: Path, device: torch.device) -> PretrainedParts:
         if not path.is_file():
             raise FileNotFoundError(f"exported model is missing {path} (and has no {INDEX_FILE})")
     try:
-        cfg = from_dict(_read_json(config_path))
+        cfg = from_dict(read_json(config_path))
     except ConfigError as e:
         raise ConfigError(f"{config_path}: {e}") from None
     if not cfg.autoencoder.path:

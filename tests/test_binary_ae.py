@@ -21,7 +21,7 @@ from bld_t2i.models.ae_losses import (
     psnr,
     ssim,
 )
-from bld_t2i.models.binary_ae import AE_PRESETS, FINGERPRINT_FILE, WEIGHTS_FILE, BinaryAutoencoder
+from bld_t2i.models.binary_ae import AE_PRESETS, WEIGHTS_FILE, WEIGHTS_SHA_FILE, BinaryAutoencoder
 
 
 def tiny(preset: str = "ae64-tiny", **kw) -> BinaryAutoencoder:
@@ -104,9 +104,27 @@ def test_export_and_reload_give_identical_codes(tmp_path):
     assert torch.equal(again.decode(model.encode(x)), model.decode(model.encode(x)))
     # re-export over an existing folder replaces it; no temp folders are left behind
     with torch.no_grad():
-        model.bit_embed.weight.add_(1.0)
+        model.to_logits.weight.add_(1.0)
     assert model.save_pretrained(folder) != fp
+    assert BinaryAutoencoder.from_pretrained(folder).fingerprint == model.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]
+
+
+def test_the_fingerprint_covers_the_encoder_and_the_code_not_the_decoder():
+    """What determines the latents: a decoder change keeps the fingerprint (its latent shards stay
+    valid) but not the weights' sha256; an encoder or logit-head change changes both."""
+    model = tiny()
+    fp, sha = model.fingerprint, model.weights_sha256
+    with torch.no_grad():
+        model.bit_embed.weight.add_(1.0)
+        model.decoder.conv_out.bias.add_(1.0)
+    assert model.fingerprint == fp and model.weights_sha256 != sha
+    for part in (model.encoder.conv_in.weight, model.to_logits.bias):
+        before = model.fingerprint
+        with torch.no_grad():
+            part.add_(1e-3)
+        assert model.fingerprint != before
+    assert model.legacy_fingerprints[0] == model.weights_sha256
 
 
 def test_truncated_or_foreign_weights_are_clear_errors(tmp_path):
@@ -122,7 +140,7 @@ def test_truncated_or_foreign_weights_are_clear_errors(tmp_path):
     other = tmp_path / "other"
     tiny("ae64-tiny", bits=8).save_pretrained(other)
     (folder / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
-    (folder / FINGERPRINT_FILE).write_text((other / FINGERPRINT_FILE).read_text())
+    (folder / WEIGHTS_SHA_FILE).write_text((other / WEIGHTS_SHA_FILE).read_text())
     with pytest.raises(ValueError, match=r"model.safetensors does not fit the architecture"):
         BinaryAutoencoder.from_pretrained(folder)
 

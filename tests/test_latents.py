@@ -178,7 +178,7 @@ def test_version_1_shards_without_grids_load_as_the_manifests_square(tmp_path):
                 "bit_order": BIT_ORDER}
     atomic_write_bytes(str(tmp_path / MANIFEST), json.dumps(manifest).encode())
     cfg = LatentsConfig(shards=str(tmp_path / "latents-000000.tar"), batch_size=8, num_workers=0)
-    loader = latent_loader(cfg, 0, "f" * 64, shape, finite=True)
+    loader = latent_loader(cfg, 0, "e" * 64, shape, finite=True, legacy_fingerprints=("f" * 64,))
     (batch,) = list(loader)
     assert batch["grid"] == (2, 3) and sorted(batch["key"]) == [f"k{i}" for i in range(4)]
     order = [int(k[1]) for k in batch["key"]]

@@ -48,7 +48,7 @@ def _published(ckpts: Path) -> list[Path]:
 def test_dry_run_prints_the_resolved_recipe(capsys):
     main(["--recipe", str(EMOJI), "--dry-run"])
     printed = capsys.readouterr().out
-    assert "autoencoder:" in printed and "preset: ae64" in printed and "eval_shards:" in printed
+    assert "autoencoder:" in printed and "preset: ae64" in printed and "val:" in printed
 
 
 def test_lr_warms_up_and_decays():
@@ -61,7 +61,7 @@ def test_lr_warms_up_and_decays():
 def test_resume_continues_exactly(tmp_path, write_image_shards):
     """4 steps in one go == 2 steps, stop, rerun: same stats and the same EMA weights (in bf16)."""
     shards = write_image_shards(str(tmp_path / "data"), 2, 16, size=32)
-    common = [f"data.shards={shards}", f"data.eval_shards={shards}", "train.total_samples=16", "train.ckpt_every_samples=8",
+    common = [f"data.shards={shards}", f"val.shards={shards}", "train.total_samples=16", "train.ckpt_every_samples=8",
               "train.precision=bf16"]
     full = fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'full'}", *common]))
     fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common, "train.max_steps=2"]))
@@ -69,7 +69,7 @@ def test_resume_continues_exactly(tmp_path, write_image_shards):
     assert json.loads((read_latest(tmp_path / "split" / "checkpoints") / "trainer.json").read_text())["samples"] == 8
     split = fit_ae(load_config(TINY, [f"run.out_dir={tmp_path / 'split'}", *common]))
     a, b = BinaryAutoencoder.from_pretrained(full), BinaryAutoencoder.from_pretrained(split)
-    assert a.fingerprint == b.fingerprint
+    assert a.weights_sha256 == b.weights_sha256
     train_a = [r for r in _records(tmp_path / "full") if "train/l1" in r]
     train_b = [r for r in _records(tmp_path / "split") if "train/l1" in r]
     assert [r["samples"] for r in train_b] == [8, 16]
@@ -83,7 +83,7 @@ def test_two_ranks_are_killed_and_resume(tmp_path, tiny_image_shards):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "bld_t2i.cli.train_ae", "--recipe", str(TINY), f"run.out_dir={out}",
-           f"data.shards={tiny_image_shards}", f"data.eval_shards={tiny_image_shards}", "train.total_samples=100000",
+           f"data.shards={tiny_image_shards}", f"val.shards={tiny_image_shards}", "train.total_samples=100000",
            "train.sample_every_samples=16"]
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -131,15 +131,15 @@ def test_emoji_quick(tmp_path):
          "--shard-size", "80", "--out", str(data)], timeout=300)
     out = tmp_path / "run"
     cfg = load_config(EMOJI, [f"run.out_dir={out}", f"data.shards={data}/shard-{{000000..000001}}.tar",
-                              f"data.eval_shards={data}/shard-000002.tar", "data.image_size=32",
-                              "train.total_samples=640", "train.ema_decay=0.9", "ae_loss.eval_samples=80",
+                              f"val.shards={data}/shard-000002.tar", "data.image_size=32",
+                              "train.total_samples=640", "train.ema_decay=0.9", "val.max_samples=80",
                               "ae_loss.deterministic_start_samples=320", "train.log_every_samples=160"])
     fit_ae(cfg)
     logged = [(r["samples"], r["train/deterministic_codes"]) for r in _records(out) if "train/l1" in r]
     assert logged == [(160, 0.0), (320, 0.0), (480, 1.0), (640, 1.0)]
     metrics = json.loads((out / "eval.json").read_text())
-    assert metrics["eval/images"] == 80
-    assert metrics["eval/psnr"] >= 12.0 and metrics["eval/dead_bits"] <= 0.25, metrics
+    assert metrics["val/images"] == 80
+    assert metrics["val/psnr"] >= 12.0 and metrics["val/dead_bits"] <= 0.25, metrics
     assert (out / "recon" / "recon-final.png").is_file()
 
 

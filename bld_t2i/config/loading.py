@@ -15,23 +15,24 @@ from typing import Any
 import yaml
 
 from bld_t2i.config.tools import Config
-from bld_t2i.config.types import ConfigError, _coerce, _nearest, _Section
+from bld_t2i.config.types import ConfigError, _coerce, _nearest, _Section, field_name, public_key
 
 
 def _apply(obj: Any, updates: dict, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    keys = [public_key(f.name) for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'{_nearest(key, names)}")
-        current = getattr(obj, key)
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(key, keys)}")
+        name = field_name(key)
+        current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{path}' is a section; expected a mapping, got {value!r}")
             _apply(current, value, path)
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"'{path}'"))
+            setattr(obj, name, _coerce(value, hints[name], f"'{path}'"))
     if isinstance(obj, _Section) and updates:
         obj.__post_init__()  # checks that span fields, or that a field's type cannot say
 
@@ -74,7 +75,11 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The tree (or a section) as plain data, under the keys recipes use (`public_key`)."""
+    def keyed(value: Any) -> Any:
+        return {public_key(k): keyed(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return keyed(dataclasses.asdict(cfg))
 
 
 def from_dict(data: dict) -> Config:
@@ -118,7 +123,7 @@ class Flag:
 
 def _field_type(key: str) -> Any:
     section, name = key.split(".")
-    return typing.get_type_hints(type(getattr(Config(), section)))[name]
+    return typing.get_type_hints(type(getattr(Config(), section)))[field_name(name)]
 
 
 def _add_flag(parser: argparse.ArgumentParser, f: Flag) -> None:
@@ -180,7 +185,7 @@ def entry_config(description: str, sections: typing.Sequence[str], flags: typing
         _exit(f"config error: {message}")
     for key in required:
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) in ("", None, []):
+        if getattr(getattr(cfg, section), field_name(name)) in ("", None, []):
             via = f"{by_key[key]} or " if key in by_key else ""
             _exit(f"config error: {key} is empty; give it with {via}{key}=...")
     if args["dry_run"]:

@@ -1,5 +1,5 @@
 """The sections of training and of the models: run, data, latents, autoencoder, ae_loss,
-diffusion, denoiser, text_encoder, optim, train, log. Defaults live here and only here."""
+diffusion, denoiser, text_encoder, optim, train, init, val, log. Defaults live here and only here."""
 
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ class DataConfig(StreamConfig):
     image_size: int = 64
     resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
     min_image_size: int = 8  # smaller source images are skipped as "tiny"
-    eval_shards: str = ""  # held-out shards for reconstruction metrics
 
 
 @dataclass
@@ -59,7 +58,8 @@ class LatentsConfig(StreamConfig):
 
 @dataclass
 class AutoencoderConfig(_Section):
-    """Binary autoencoder architecture (docs/math.md (A1)); a preset fills these."""
+    """Binary autoencoder architecture (docs/math.md (A1)), a preset fills these; and which of
+    its parts the autoencoder trainer trains."""
     _name = "autoencoder"
 
     preset: str = "ae64-tiny"
@@ -67,11 +67,15 @@ class AutoencoderConfig(_Section):
     resolution: int = 0  # 0: the preset's
     bits: int = 0  # C, bits per grid position; 0: the preset's
     base_width: int = 0  # 0: the preset's
+    # all | decoder: the decoder (bit embedding included) alone, from init.from's weights; the
+    # encoder and its logit head stay bit for bit, so its fingerprint, and every latent shard
+    # encoded with it, stay valid (docs/data_formats.md)
+    train_parts: Literal["all", "decoder"] = "all"
 
 
 @dataclass
 class AELossConfig(_Section):
-    """Autoencoder losses (docs/math.md (A2), (A3)) and the AE trainer's held-out evaluation."""
+    """Autoencoder losses (docs/math.md (A2), (A3)) and the reconstruction grids."""
     _name = "ae_loss"
 
     l1_weight: float = 1.0
@@ -88,7 +92,6 @@ class AELossConfig(_Section):
     # data set uses. 0: sample to the end, as the paper does.
     deterministic_start_samples: int = 0
     max_adaptive_weight: float = 1.0
-    eval_samples: int = 256  # held-out images (data.eval_shards) for PSNR/SSIM/dead bits
     grid_images: int = 8  # images per reconstruction grid
 
 
@@ -222,6 +225,48 @@ class TrainConfig(_Section):
         for name in ("zero_bucket_size", "zero3_prefetch_size", "zero3_persistence_threshold"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0: sized by the parameter count), got {getattr(self, name)}")
+
+
+@dataclass
+class InitConfig(_Section):
+    """Start a new run from another run's weights (staged resolution, fine-tuning): weights
+    only, with a fresh optimizer, schedule, sample count and data position. Once the new run
+    has a checkpoint of its own, resuming it wins over `init.from`."""
+    _name = "init"
+
+    # a pipeline export (model_index.json), a flat export (an autoencoder's export folder for
+    # the autoencoder trainer), a checkpoints/step_* folder, or a run folder (its latest
+    # checkpoint); empty: random initial weights. (`from` is `from_` in Python.)
+    from_: str = ""
+    use_ema: bool = True  # the EMA weights; false: a checkpoint's raw training weights
+    # Strict by default: the new model's tensors that the source lacks (or has in another
+    # shape, but the position table, which is resized to the new grid, docs/math.md (D1)) are
+    # an error naming them, and so are the source's tensors the new model lacks.
+    allow_missing: bool = False  # leave them at their fresh initialisation (e.g. a new class table)
+    allow_unexpected: bool = False  # ignore them (e.g. a pooled-vector projection no longer used)
+
+
+@dataclass
+class ValConfig(_Section):
+    """Validation on held-out data while training, logged as `val/*` to stats.jsonl and wandb
+    (training/validation.py). The denoiser's loss depends only on the weights and the data."""
+    _name = "val"
+
+    # held-out shards: latent shards for the denoiser, image shards for the autoencoder; empty: none
+    shards: str = ""
+    every_samples: int = 0  # also when training crosses a multiple of it; 0: at the start and the end only
+    max_samples: int = 512  # held-out samples used at most: the first ones in shard order
+    # denoiser: every sample is scored at these many fixed times t, the midpoints of equal
+    # bins of 1..T, with noise drawn from a seed of (run.seed, sample key, t)
+    t_values: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_samples", "t_values"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'val.{name}' must be >= 1, got {getattr(self, name)}")
+        if self.every_samples < 0:
+            raise ConfigError(f"'val.every_samples' must be >= 0, got {self.every_samples}")
 
 
 @dataclass

@@ -182,6 +182,8 @@ class Config:
     text_encoder: schema.TextEncoderConfig = field(default_factory=schema.TextEncoderConfig)
     optim: schema.OptimConfig = field(default_factory=schema.OptimConfig)
     train: schema.TrainConfig = field(default_factory=schema.TrainConfig)
+    init: schema.InitConfig = field(default_factory=schema.InitConfig)
+    val: schema.ValConfig = field(default_factory=schema.ValConfig)
     log: schema.LogConfig = field(default_factory=schema.LogConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from typing import Any
@@ -12,6 +13,17 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config tree."""
+
+
+def public_key(name: str) -> str:
+    """A field's key in recipes, overrides and saved configs: a field named after a Python
+    keyword carries a trailing underscore in code only (`init.from` is `InitConfig.from_`)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def field_name(key: str) -> str:
+    """The dataclass field of a recipe key (the inverse of `public_key`)."""
+    return key + "_" if keyword.iskeyword(key) else key
 
 
 def _nearest(key: str, options: typing.Iterable[str]) -> str:
@@ -83,4 +95,4 @@ class _Section:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             if typing.get_origin(hints[f.name]) is typing.Literal:
-                _coerce(getattr(self, f.name), hints[f.name], f"'{self._name}.{f.name}'")
+                _coerce(getattr(self, f.name), hints[f.name], f"'{self._name}.{public_key(f.name)}'")

@@ -153,7 +153,8 @@ def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, 
             remove_stale_temps(join(out, shard_name(i)))  # only this rank writes shard i
             entry = encode_shard(urls[i], join(out, shard_name(i)), encoder, decoder, batch_size)
             entry = {"name": shard_name(i), "source_shard": urls[i], **entry,
-                     "autoencoder_fingerprint": header["autoencoder_fingerprint"], "buckets": header["buckets"]}
+                     "version": header["version"], "autoencoder_fingerprint": header["autoencoder_fingerprint"],
+                     "buckets": header["buckets"]}
             atomic_write_bytes(part_url(out, i), json.dumps(entry).encode())
             log.info("%s: %d samples, skipped %s", shard_name(i), entry["count"], entry["skipped"])
             images += entry["count"]
@@ -163,9 +164,13 @@ def encode_shards(spec: str, out: str, encoder: Encoder, decoder: ImageDecoder, 
 
 
 def _check_same(existing: dict, header: dict, where: str) -> None:
-    if existing["autoencoder_fingerprint"] != header["autoencoder_fingerprint"]:
-        raise ValueError(f"{where} was encoded by autoencoder {existing['autoencoder_fingerprint']}, this run uses "
-                         f"{header['autoencoder_fingerprint']}: use another --out")
+    # a fingerprint means the weights' sha256 before version 3 and the encoder's from it on
+    # (data/latents.py): compared only within one version; parts before version 3 name none
+    version = existing.get("version", 2)
+    if (version, existing["autoencoder_fingerprint"]) != (header["version"], header["autoencoder_fingerprint"]):
+        raise ValueError(f"{where} was encoded by autoencoder {existing['autoencoder_fingerprint']} (format version "
+                         f"{version}), this run uses {header['autoencoder_fingerprint']} (version {header['version']}): "
+                         "use another --out")
     if existing.get("buckets") != header["buckets"]:  # before version 2: no buckets
         raise ValueError(f"{where} was encoded with encode.buckets {existing.get('buckets')}, this run uses "
                          f"{header['buckets']}: use another --out")

@@ -1,4 +1,4 @@
-"""Bit-packed latent shards (format version 2; version 1 reads too) and the latent loader.
+"""Bit-packed latent shards (format version 3; versions 1-2 read too) and the latent loader.
 
 A latent data set is a folder (local or ``s3://``) with ``manifest.json`` and tar shards
 ``latents-000000.tar, ...``; see docs/data_formats.md. Per sample:
@@ -38,8 +38,11 @@ from bld_t2i.data.shards import RawSample, expand_urls, join, read_bytes
 from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
 
 FORMAT = "bld-latents"
-VERSION = 2  # 2: per-sample grids ({key}.grid) and the manifest's buckets and grid counts
-READ_VERSIONS = (1, 2)
+# 2: per-sample grids ({key}.grid) and the manifest's buckets and grid counts; 3: the
+# manifest's autoencoder_fingerprint is the encoder's (BinaryAutoencoder.fingerprint), no
+# longer the sha256 of all the weights
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 BIT_ORDER = "np.packbits over the (h, w, C) bits flattened in C order, most significant bit first"
 MANIFEST = "manifest.json"
 NULL_EMBEDDING = "null_emb.npy"
@@ -84,16 +87,26 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
-def check_manifests(spec: str, fingerprint: str, latent_shape) -> dict:
+def encoded_by(manifest: dict, fingerprint: str, legacy_fingerprints: tuple[str, ...] = ()) -> bool:
+    """Whether a manifest's latents come from the encoder of `fingerprint`. Version 3 names
+    the encoder's fingerprint; versions 1-2 the sha256 of the weights they were encoded with,
+    which `legacy_fingerprints` lists for the same encoder (BinaryAutoencoder.legacy_fingerprints)."""
+    if manifest["version"] >= 3:
+        return manifest["autoencoder_fingerprint"] == fingerprint
+    return manifest["autoencoder_fingerprint"] in legacy_fingerprints
+
+
+def check_manifests(spec: str, fingerprint: str, latent_shape, legacy_fingerprints: tuple[str, ...] = ()) -> dict:
     """Read the manifest of every folder the shard URLs live in and refuse a data set
-    encoded by another autoencoder; returns the first manifest."""
+    encoded by another encoder (`encoded_by`); returns the first manifest."""
     folders = sorted({posixpath.dirname(u) for u in expand_urls(spec)})
     manifests = [read_manifest(f) for f in folders]
     for folder, m in zip(folders, manifests):
-        if m["autoencoder_fingerprint"] != fingerprint:
+        if not encoded_by(m, fingerprint, legacy_fingerprints):
             raise ValueError(
-                f"latents in {folder} were encoded by autoencoder {m['autoencoder_fingerprint']}, "
-                f"but the recipe's autoencoder is {fingerprint}"
+                f"latents in {folder} (manifest version {m['version']}) were encoded by autoencoder "
+                f"{m['autoencoder_fingerprint']}, but the recipe's autoencoder is {fingerprint}"
+                + (f" (weights {legacy_fingerprints[0]})" if legacy_fingerprints else "")
             )
         if tuple(m["latent_shape"]) != tuple(latent_shape):
             raise ValueError(
@@ -195,16 +208,17 @@ def null_embedding(folder: str) -> torch.Tensor:
 
 
 def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape, rank: int | None = None,
-                  world_size: int | None = None, finite: bool = False, text_length: int = 0,
-                  pin_memory: bool = False, tokenize=None) -> ShardLoader:
-    """The resumable latent loader of this rank. `fingerprint` and `latent_shape` are the
-    recipe's autoencoder's; shards encoded by another are refused. `text_length`: pad the
-    embeddings to it (0: to each batch's longest); `pin_memory`: batches in page-locked memory;
-    `tokenize`: a text encoder's, run on each batch's captions in the workers."""
+                  world_size: int | None = None, finite: bool = False,
+                  legacy_fingerprints: tuple[str, ...] = (), text_length: int = 0, pin_memory: bool = False,
+                  tokenize=None) -> ShardLoader:
+    """The resumable latent loader of this rank. `fingerprint`, `legacy_fingerprints` and
+    `latent_shape` are the recipe's autoencoder's; shards encoded by another are refused.
+    `text_length`: pad the embeddings to it (0: to each batch's longest); `pin_memory`: batches
+    in page-locked memory; `tokenize`: a text encoder's, run on each batch's captions in the workers."""
     rank, world_size = rank_and_world(rank, world_size)
     if not cfg.shards:
         raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
-    check_manifests(cfg.shards, fingerprint, latent_shape)
+    check_manifests(cfg.shards, fingerprint, latent_shape, legacy_fingerprints)
     decoder = LatentDecoder(latent_shape, cfg.use_embeddings, text_length, tokenize)
     dataset = ShardDataset(cfg.shards, decoder, cfg, seed, rank, world_size, finite)
     return ShardLoader(dataset, cfg.num_workers, pin_memory)

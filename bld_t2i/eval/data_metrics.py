@@ -7,8 +7,9 @@
 
 and, with `--neighbours-clip`, the search in CLIP image space, whose training features
 (every training latent decoded and embedded) are computed once and kept in the cache,
-keyed by the latent manifest, the autoencoder's fingerprint and the CLIP weights. Only the
-neighbours found are decoded, to PNGs for the report, each once (a PNG on disk is reused).
+keyed by the latent manifest, the autoencoder's weights (all of them: its decoder draws the
+images) and the CLIP weights. Only the neighbours found are decoded, to PNGs for the report,
+each once (a PNG on disk is reused).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def clip_search(pipe: BLDPipeline, opts: EvalOptions, features: torch.Tensor, sc
     clip_weights = opts.clip_model[len("local-dir:"):] if opts.clip_model.startswith("local-dir:") else \
         opts.clip_checkpoint
     description = {"kind": "clip-neighbour-features", "latent_manifest": manifest,
-                   "autoencoder": pipe.autoencoder.fingerprint, "clip_model": opts.clip_model,
+                   "autoencoder": pipe.autoencoder.weights_sha256, "clip_model": opts.clip_model,
                    "clip_weights_sha256": file_digest(clip_weights), "dtype": str(pipe.dtype)}
 
     def compute() -> tuple[dict[str, np.ndarray], int]:

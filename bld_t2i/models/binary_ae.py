@@ -37,7 +37,11 @@ from bld_t2i.models.ae_blocks import Decoder, Encoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FINGERPRINT_FILE = "fingerprint"
+WEIGHTS_SHA_FILE = "fingerprint"  # sha256 of model.safetensors (the file name predates `fingerprint`'s meaning)
+# The rule that turns the encoder's output into the stored code: part of the fingerprint, so a
+# change of rule (not only of weights) invalidates latents encoded by the old one.
+CODE_RULE = "bld-code-1: b = 1[sigmoid(to_logits(encoder(x))) > 0.5], (B, h, w, C)"
+ENCODER_PREFIXES = ("encoder.", "to_logits.")  # the tensors that determine the code
 
 
 # ----------------------------------------------------------------------------- presets
@@ -100,9 +104,12 @@ class AEOutput(NamedTuple):
 
 
 class BinaryAutoencoder(nn.Module):
-    def __init__(self, arch: AEArch):
+    def __init__(self, arch: AEArch, encoder_of: tuple[str, ...] = ()):
         super().__init__()
         self.arch = arch
+        # weights_sha256 of the autoencoders whose encoder this one kept bit for bit (a decoder
+        # fine-tune's ancestry): latent manifests of version 1-2 name those (docs/data_formats.md)
+        self.encoder_of = tuple(encoder_of)
         self.encoder = Encoder(arch)
         self.to_logits = nn.Conv2d(self.encoder.out_channels, arch.bits, 1)  # the 1x1 head to C bits
         emb_width = arch.base_width * arch.mults[-1]
@@ -185,28 +192,44 @@ class BinaryAutoencoder(nn.Module):
 
     # -- export
 
-    def _weights_bytes(self) -> bytes:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+    def _weights_bytes(self, prefixes: tuple[str, ...] = ("",)) -> bytes:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items() if k.startswith(prefixes)}
         return save_safetensors(tensors)
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights, exactly as `save_pretrained` writes them to model.safetensors."""
+        """sha256 of what determines the latents: the code rule and the encoder's and logit
+        head's weights. The decoder is left out: fine-tuning it alone keeps the fingerprint, and
+        the latent shards encoded before stay valid. The resolution is left out too (the
+        encoder is convolutional); the latent manifests check the grid on their own."""
+        return hashlib.sha256(CODE_RULE.encode() + self._weights_bytes(ENCODER_PREFIXES)).hexdigest()
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of all the weights, exactly as `save_pretrained` writes model.safetensors."""
         return hashlib.sha256(self._weights_bytes()).hexdigest()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> str:
-        """Write config.json, model.safetensors and fingerprint; atomic (temp folder, then rename).
+    @property
+    def legacy_fingerprints(self) -> tuple[str, ...]:
+        """What latent manifests of versions 1-2 name for this encoder: the weights' sha256 of
+        this autoencoder and of those whose encoder it kept (`encoder_of`)."""
+        return (self.weights_sha256, *self.encoder_of)
 
-        Returns the fingerprint.
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write config.json (the architecture, the encoder's fingerprint and ancestry),
+        model.safetensors and its sha256 (`fingerprint` file); atomic (temp folder, then rename).
+
+        Returns the (encoder) fingerprint.
         """
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         data = self._weights_bytes()
-        fingerprint = hashlib.sha256(data).hexdigest()
+        fingerprint = self.fingerprint
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         (tmp / WEIGHTS_FILE).write_bytes(data)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"arch": dataclasses.asdict(self.arch)}, indent=2))
-        (tmp / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        config = {"arch": dataclasses.asdict(self.arch), "fingerprint": fingerprint, "encoder_of": list(self.encoder_of)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / WEIGHTS_SHA_FILE).write_text(hashlib.sha256(data).hexdigest() + "\n")
         if folder.exists():  # replace an older export: move it aside first so the swap is one rename
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
@@ -218,16 +241,18 @@ class BinaryAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> BinaryAutoencoder:
-        """Load an exported folder; the weights must match the fingerprint and the architecture exactly."""
+        """Load an exported folder; the weights must match their sha256 and the architecture exactly."""
         folder = Path(folder)
-        config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / FINGERPRINT_FILE
+        config_path, weights_path, fp_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / WEIGHTS_SHA_FILE
         for path in (config_path, weights_path, fp_path):
             if not path.is_file():
                 raise FileNotFoundError(f"autoencoder export is missing {path}")
         try:
-            arch_dict = json.loads(config_path.read_text())["arch"]
+            config = json.loads(config_path.read_text())
+            arch_dict = config["arch"]
             arch_dict["mults"] = tuple(arch_dict["mults"])
             arch = AEArch(**arch_dict)
+            encoder_of = tuple(str(s) for s in config.get("encoder_of", ()))  # exports before it: none
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{config_path} does not describe a binary autoencoder: {e}") from e
         data = weights_path.read_bytes()
@@ -242,7 +267,7 @@ class BinaryAutoencoder(nn.Module):
             state = load_safetensors(data)
         except SafetensorError as e:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
-        model = cls(arch)
+        model = cls(arch, encoder_of)
         check_state_dict(model, state, weights_path)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()

@@ -12,7 +12,6 @@ generator, so a resumed run draws what the uninterrupted one would have.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,38 +26,18 @@ from bld_t2i.models.ae_losses import LPIPS, PatchDiscriminator, bit_stats, gener
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
+from bld_t2i.training.init_from import load_initial_weights
 from bld_t2i.training.loop import Parts
+from bld_t2i.training.validation import autoencoder_val_metrics, read_heldout_images
 from bld_t2i.utils import make_grid, save_png, to_pil
 
-SECTIONS = ("run", "data", "autoencoder", "ae_loss", "optim", "train", "log")
+SECTIONS = ("run", "data", "autoencoder", "ae_loss", "optim", "train", "init", "val", "log")
 EXPORT_SUBDIR = "autoencoder"  # inside each checkpoint folder: the EMA autoencoder's export
 
 
 def save_recon_grid(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> Path:
     """Originals on the top row, reconstructions below, written atomically."""
     return save_png(make_grid(to_pil(torch.cat([x, x_hat.clamp(-1, 1)]).float().cpu()), columns=len(x)), path)
-
-
-@torch.no_grad()
-def evaluate(cfg: Config, ae: BinaryAutoencoder, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Deterministic codes of the held-out images: PSNR, SSIM and bit usage; a few images for the grid."""
-    loader = image_loader(cfg.data, cfg.run.seed, rank=0, world_size=1, finite=True, shards=cfg.data.eval_shards)
-    codes, scores, shown, seen = [], defaultdict(list), None, 0
-    for batch in loader:
-        x = batch["image"][: cfg.ae_loss.eval_samples - seen].to(device)
-        bits = ae.encode(x)
-        x_hat = ae.decode(bits).float()
-        codes.append(bits.cpu())
-        scores["psnr"].append(psnr(x, x_hat).cpu())
-        scores["ssim"].append(ssim(x, x_hat).cpu())
-        if shown is None:
-            shown = (x[: cfg.ae_loss.grid_images], x_hat[: cfg.ae_loss.grid_images])
-        seen += len(x)
-        if seen >= cfg.ae_loss.eval_samples:
-            break
-    metrics = {f"eval/{k}": torch.cat(v).mean().item() for k, v in scores.items()}
-    metrics.update({f"eval/{k}": float(v) for k, v in bit_stats(torch.cat(codes)).items()}, **{"eval/images": seen})
-    return metrics, *shown
 
 
 class AutoencoderTask:
@@ -79,16 +58,30 @@ class AutoencoderTask:
                              "optimisers on every batch (no accumulation)")
         lc, info = cfg.ae_loss, D.dist_info()
         self.cfg, self.device = cfg, device
-        self.model = BinaryAutoencoder.from_config(cfg.autoencoder).to(device)
+        self.model = BinaryAutoencoder.from_config(cfg.autoencoder)
         if cfg.data.image_size % self.model.arch.downsample:
             raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by the autoencoder's "
                              f"f={self.model.arch.downsample}")
+        decoder_only = cfg.autoencoder.train_parts == "decoder"
+        if decoder_only and not cfg.init.from_:
+            raise ValueError("autoencoder.train_parts=decoder fine-tunes an autoencoder's decoder: name it with init.from")
+        if resume_world is None and cfg.init.from_:  # a fresh start from another run's weights
+            source = load_initial_weights(self.model, cfg.init, "autoencoder")
+            # the encoder stays as the source's: manifests naming the source's weights stay valid
+            self.model.encoder_of = source.encoder_of if decoder_only else ()
+        self.model.to(device)
+        if decoder_only:  # frozen: no gradient, no optimizer state, no weight decay, bit for bit
+            self.model.encoder.requires_grad_(False)
+            self.model.to_logits.requires_grad_(False)
+            D.print0(f"[train_ae] training the decoder only; encoder fingerprint {self.model.fingerprint[:16]}...")
+        self.fingerprint = self.model.fingerprint
         self.disc = PatchDiscriminator(lc.disc_layers, lc.disc_width).to(device) if lc.disc_weight > 0 else None
         self.lpips = LPIPS.from_folder(lc.lpips_path).to(device) if lc.lpips_path else None
         if self.lpips is None:
             D.print0("perceptual loss off: ae_loss.lpips_path is empty")
         o = cfg.optim
-        self.opt_g = torch.optim.AdamW(self.model.parameters(), o.lr, tuple(o.betas), o.eps, o.weight_decay)
+        trained = [q for q in self.model.parameters() if q.requires_grad]
+        self.opt_g = torch.optim.AdamW(trained, o.lr, tuple(o.betas), o.eps, o.weight_decay)
         states = {"model": self.model, "opt_g": self.opt_g}
         optimizers = [(self.opt_g, 1.0)]
         if self.disc is not None:
@@ -99,10 +92,14 @@ class AutoencoderTask:
         self.ddp_model = DistributedDataParallel(self.model) if many else self.model
         self.ddp_disc = DistributedDataParallel(self.disc) if many and self.disc is not None else self.disc
         self.samples_per_step = cfg.data.batch_size * info.world_size
-        return Parts(loader=image_loader(cfg.data, cfg.run.seed), ema=EMA(self.model), optimizers=optimizers,
+        self.ema = EMA(self.model)
+        self.heldout = read_heldout_images(cfg) if cfg.val.shards else None
+        self.last_val: dict = {}
+        return Parts(loader=image_loader(cfg.data, cfg.run.seed), ema=self.ema, optimizers=optimizers,
                      checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, states=states),
                      export=self.export, export_subdir=EXPORT_SUBDIR,
-                     on_sample=self.show_recon if cfg.data.eval_shards else None, on_finish=self.final_eval)
+                     on_sample=self.show_recon if cfg.val.shards else None, on_finish=self.final_eval,
+                     validate=self.validate if cfg.val.shards else None)
 
     def autocast(self):
         bf16 = self.cfg.train.precision == "bf16"
@@ -146,29 +143,47 @@ class AutoencoderTask:
         self.ema_model(ema_state).save_pretrained(folder)
 
     def ema_model(self, ema_state: dict) -> BinaryAutoencoder:
-        ema = BinaryAutoencoder(self.model.arch).to(self.device)
+        ema = BinaryAutoencoder(self.model.arch, self.model.encoder_of).to(self.device)
         ema.load_state_dict(ema_state)
         return ema.eval().requires_grad_(False)
+
+    def validate(self) -> dict:
+        """The EMA autoencoder's held-out metrics (training/validation.py), a collective; the
+        per-channel rates go to eval.json only."""
+        ae = self.ema_model(self.ema.full_state())
+        metrics, _ = autoencoder_val_metrics(ae, self.heldout, self.code_shape, self.cfg.data.batch_size, self.device)
+        self.last_val = metrics
+        return {k: v for k, v in metrics.items() if k != "val/bit_rates"}
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        g = self.cfg.data.image_size // self.model.arch.downsample
+        return g, g, self.model.arch.bits
+
+    def held_out_images(self, n: int) -> torch.Tensor:
+        return torch.stack([s["image"] for s in self.heldout.samples[:n]]).to(self.device)
 
     def show_recon(self, folder: Path, logger, record: dict) -> None:
         """Held-out reconstructions by a checkpoint's EMA autoencoder (rank 0)."""
         ae = BinaryAutoencoder.from_pretrained(folder / EXPORT_SUBDIR, device=self.device)
-        metrics, xs, x_hats = evaluate(self.cfg, ae, self.device)
-        grid = save_recon_grid(Path(self.cfg.run.out_dir) / "recon" / f"recon-{record['samples']:012d}.png", xs, x_hats)
-        logger.log({**record, **metrics}, record["step"])
-        logger.log_image("recon", grid, record["step"])
+        xs = self.held_out_images(self.cfg.ae_loss.grid_images)
+        path = Path(self.cfg.run.out_dir) / "recon" / f"recon-{record['samples']:012d}.png"
+        logger.log_image("recon", save_recon_grid(path, xs, ae.decode(ae.encode(xs))), record["step"])
 
     def final_eval(self, export: Path, logger, record: dict) -> None:
-        """eval.json and the last reconstruction grid (the last training batch without held-out shards)."""
+        """eval.json (the last validation) and the last reconstruction grid (the last training
+        batch without held-out shards)."""
         cfg, out = self.cfg, Path(self.cfg.run.out_dir)
         ae = BinaryAutoencoder.from_pretrained(export, device=self.device)
-        if cfg.data.eval_shards:
-            metrics, xs, x_hats = evaluate(cfg, ae, self.device)
-            logger.log({**record, **metrics}, record["step"])
-            atomic_write_text(out / "eval.json", json.dumps(metrics, indent=2))
+        if cfg.autoencoder.train_parts == "decoder" and ae.fingerprint != self.fingerprint:
+            raise RuntimeError(f"the decoder-only run changed the encoder: fingerprint {ae.fingerprint} != "
+                               f"{self.fingerprint} at the start")
+        if self.heldout is not None:
+            atomic_write_text(out / "eval.json", json.dumps(self.last_val, indent=2))
+            xs = self.held_out_images(cfg.ae_loss.grid_images)
         else:
             xs = next(iter(image_loader(cfg.data, cfg.run.seed, rank=0, world_size=1)))["image"][: cfg.ae_loss.grid_images]
             xs = xs.to(self.device)
-            x_hats = ae.decode(ae.encode(xs))
+        x_hats = ae.decode(ae.encode(xs))
         logger.log_image("recon", save_recon_grid(out / "recon" / "recon-final.png", xs, x_hats), record["step"])
         D.print0(f"exported the EMA autoencoder to {export} (fingerprint {ae.fingerprint[:16]}...)")

@@ -59,6 +59,9 @@ class Parts:
     on_sample: Callable[[Path, StatsLogger, dict], None] | None = None  # (checkpoint, logger, record), rank 0
     on_finish: Callable[[Path, StatsLogger, dict], None] | None = None  # after the export, rank 0
     log_extra: Callable[[float], dict] | None = None  # (samples/s) -> extra fields of a log line
+    # () -> the held-out metrics of the EMA weights (`val.shards`, training/validation.py), a
+    # collective; at the start of a fresh run, every `val.every_samples` and at the end
+    validate: Callable[[], dict] | None = None
 
 
 class Task(Protocol):
@@ -175,6 +178,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
     stop = False
     # rank 0's bar (samples/s, loss, ETA) on a terminal; a plain line every 30 s in a log
     bar = progress(total=tc.total_samples, initial=state["samples"], desc=task.name, unit="samples")
+    if state["samples"] == 0:  # the starting point: random or `init.from`'s weights
+        _validate(task, parts, logger, state, bar)
 
     def guard(bad: torch.Tensor) -> bool:  # the step's one collective: stop flag and NaN flag together
         sync["stop"], any_bad = D.agree(device, bad)
@@ -208,6 +213,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
         done = state["samples"] >= tc.total_samples or bool(tc.max_steps and state["step"] >= tc.max_steps)
         if _crossed(tc.log_every_samples, state["samples"], per_step) or done:
             _log(task, parts, logger, state, stats, clock, lr, bar)
+        if not stop and (done or _crossed(cfg.val.every_samples, state["samples"], per_step)):
+            _validate(task, parts, logger, state, bar)
         sample = parts.on_sample is not None and _crossed(tc.sample_every_samples, state["samples"], per_step)
         if stop or done or sample or _crossed(tc.ckpt_every_samples, state["samples"], per_step):
             folder = _save(parts, cfg, state)
@@ -296,6 +303,17 @@ def _log(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, stat
         bar.set_postfix(**{k.split("/")[-1]: v for k, v in record.items()
                            if k.split("/")[-1] in PROGRESS_FIELDS and isinstance(v, float)})
         bar.write(f"[{task.name}] step {state['step']} samples {state['samples']} lr {lr:.2e} {shown}")
+
+
+def _validate(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, bar) -> None:
+    """A `val/*` line of stats.jsonl (and wandb), the same on the console."""
+    if parts.validate is None:
+        return
+    record = parts.validate()
+    if logger is not None:
+        logger.log({"step": state["step"], "samples": state["samples"], **record}, state["step"])
+        shown = " ".join(f"{k[len('val/'):]}={v:.5g}" for k, v in record.items() if isinstance(v, float))
+        bar.write(f"[{task.name}] validation at {state['samples']} samples: {shown}")
 
 
 def _save(parts: Parts, cfg: Config, state: dict) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -27,24 +28,36 @@ from bld_t2i.models.denoiser import TEXT_MODES, Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder, condition_from_embeddings
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
+from bld_t2i.training.init_from import load_initial_weights
 from bld_t2i.training.loop import Parts
+from bld_t2i.training.validation import denoiser_val_loss, read_heldout_latents
 from bld_t2i.utils import DTYPES
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
 TIME_BUCKETS = 4  # the loss is also logged per quarter of t/T
-SECTIONS = ("run", "latents", "autoencoder", "diffusion", "denoiser", "text_encoder", "optim", "train", "log")
+SECTIONS = ("run", "latents", "autoencoder", "diffusion", "denoiser", "text_encoder", "optim", "train", "init", "val",
+            "log")
 
 
-def expected_latents(cfg: Config) -> tuple[str, tuple[int, int, int]]:
-    """The autoencoder fingerprint and latent shape the latent shards must have."""
+class ExpectedLatents(NamedTuple):
+    """What the latent shards must have been encoded with (data/latents.py `check_manifests`)."""
+
+    fingerprint: str
+    latent_shape: tuple[int, int, int]
+    legacy_fingerprints: tuple[str, ...]  # what manifests of versions 1-2 name for the same encoder
+
+
+def expected_latents(cfg: Config) -> ExpectedLatents:
+    """The autoencoder's fingerprints and latent shape that the latent shards must have."""
     if cfg.autoencoder.path:
         ae = BinaryAutoencoder.from_pretrained(cfg.autoencoder.path)
-        return ae.fingerprint, ae.latent_shape
+        return ExpectedLatents(ae.fingerprint, ae.latent_shape, ae.legacy_fingerprints)
     # No autoencoder named (synthetic latents): take the data set's word for it, and say so.
     manifest = read_manifest(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))
     D.print0("[train] autoencoder.path is empty: latents are not checked against an autoencoder, "
              "and no sample grids can be decoded")
-    return manifest["autoencoder_fingerprint"], tuple(manifest["latent_shape"])
+    fingerprint = manifest["autoencoder_fingerprint"]
+    return ExpectedLatents(fingerprint, tuple(manifest["latent_shape"]), (fingerprint,))
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -98,16 +111,18 @@ class T2ITask:
         if cfg.train.compile and cfg.train.zero_stage == 3:
             raise ValueError("train.compile needs train.zero_stage 0, 1 or 2: under ZeRO-3 the compiled forward "
                              "would trace DeepSpeed's parameter-gathering hooks; set train.compile false for ZeRO-3")
-        fingerprint, latent_shape = expected_latents(cfg)
+        expected = expected_latents(cfg)
+        latent_shape = expected.latent_shape
         # compiled: stored text embeddings padded to max_length, so that every batch has one shape
         text_length = cfg.text_encoder.max_length if cfg.train.compile else 0
         text_encoder = None
         if cfg.denoiser.conditioning in TEXT_MODES and not cfg.latents.use_embeddings:
             text_encoder = build_text_encoder(cfg.text_encoder, device)
         # captions tokenized in the loader's workers, batches pinned for copies that don't wait
-        loader = latent_loader(cfg.latents, cfg.run.seed, fingerprint, latent_shape, info.rank, info.world_size,
-                               text_length=text_length, pin_memory=device.type == "cuda",
-                               tokenize=text_encoder.tokenize if text_encoder is not None else None)
+        tokenize = text_encoder.tokenize if text_encoder is not None else None
+        loader = latent_loader(cfg.latents, cfg.run.seed, expected.fingerprint, latent_shape, info.rank,
+                               info.world_size, legacy_fingerprints=expected.legacy_fingerprints,
+                               text_length=text_length, pin_memory=device.type == "cuda", tokenize=tokenize)
         null_emb = None
         if cfg.latents.use_embeddings:
             null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
@@ -116,6 +131,8 @@ class T2ITask:
         D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
                  f"({len(model.blocks)}x{model.width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
                  f"latents {latent_shape}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
+        if resume_world is None and cfg.init.from_:  # a fresh start from another run's weights
+            load_initial_weights(model, cfg.init, "denoiser", grid=latent_shape[:2])
         n_params = sum(p.numel() for p in model.parameters())
         if cfg.train.compile:
             model.compile()
@@ -124,12 +141,18 @@ class T2ITask:
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
             cfg.train, cfg.latents.batch_size, grad_accum, cfg.optim.grad_clip, n_params, load_universal=elastic))
         self.attach(cfg, device, engine, null_condition_text(text_encoder, null_emb, device), text_encoder)
-        return Parts(loader=loader, ema=EMA(engine.module), optimizers=[(optimizer, 1.0)],
+        self.ema = EMA(engine.module)
+        self.heldout, self.val_model = None, None
+        if cfg.val.shards:
+            self.heldout = read_heldout_latents(cfg, expected.fingerprint, latent_shape, expected.legacy_fingerprints,
+                                                tokenize)
+        return Parts(loader=loader, ema=self.ema, optimizers=[(optimizer, 1.0)],
                      checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=engine,
                                                universal=elastic),
                      export=self.export, export_files=("model.safetensors", "config.json"),
                      publish=self.publish if cfg.autoencoder.path else None,
-                     on_sample=self.draw_grid if cfg.autoencoder.path else None, log_extra=self.log_extra)
+                     on_sample=self.draw_grid if cfg.autoencoder.path else None, log_extra=self.log_extra,
+                     validate=self.validate if self.heldout is not None else None)
 
     def attach(self, cfg: Config, device: torch.device, engine, null_text: dict | None, text_encoder=None,
                dtype: torch.dtype | None = None) -> None:
@@ -189,6 +212,15 @@ class T2ITask:
             0, bucket, torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1))
         stats = {"loss": loss.detach(), **{f"loss_t{i}": per_bucket[i] for i in range(TIME_BUCKETS)}}
         return stats, (not boundary) or self.engine.was_step_applied()
+
+    def validate(self) -> dict:
+        """The EMA weights' loss on the held-out latents (training/validation.py); a collective."""
+        state = self.ema.full_state()  # a collective: every rank gets the whole EMA weights
+        module = self.engine.module
+        if self.val_model is None:
+            self.val_model = Denoiser(self.cfg.denoiser, module.latent_shape, module.text_dim).to(self.device)
+        self.val_model.load_state_dict(state)
+        return denoiser_val_loss(self.val_model, self.heldout, self.condition, self.cfg, self.a, self.device)
 
     def log_extra(self, samples_per_s: float) -> dict:
         info, cfg = D.dist_info(), self.cfg
