@@ -118,6 +118,7 @@ def main(argv=None) -> None:
 
     first = [r for r in records(t2i32) if "val/loss" in r]
     ae_val = [r for r in records(ae64) if "val/psnr" in r]
+    shift = " / ".join(f"{ae_val[-1][f'val/colour_shift_{c}']:+.2f}" for c in "rgb")
     notes = f"""
 Both second-stage runs: `recipes/stages/t2i_emoji64.yaml`, {args.samples:,} samples, the same seed
 and data order, 2 CPU processes (ZeRO-2), validated on held-out latent shard 7 (256 emoji none
@@ -129,8 +130,10 @@ prompts whose Hamming-nearest training latent (64 px) carries the prompt's capti
   at 0 samples, {first[-1]['val/loss']:.4f} at {first[-1]['samples']:,}.
 - Decoder-only fine-tune of the demo autoencoder at 64 px (the encoder bit for bit, so the 64 px
   latents are the demo encoder's codes): held-out PSNR {ae_val[0]['val/psnr']:.2f} dB before,
-  {ae_val[-1]['val/psnr']:.2f} dB after {ae_val[-1]['samples']:,} samples; dead / saturated channels
-  {ae_val[-1]['val/dead_channels']} / {ae_val[-1]['val/saturated_channels']} of 32.
+  {ae_val[-1]['val/psnr']:.2f} dB after {ae_val[-1]['samples']:,} samples; mean colour error
+  {ae_val[0]['val/colour_error']:.2f} -> {ae_val[-1]['val/colour_error']:.2f} 8-bit levels (mean shift R/G/B
+  {shift});
+  dead / saturated channels {ae_val[-1]['val/dead_channels']} / {ae_val[-1]['val/saturated_channels']} of 32.
 - Minutes per step on this run (the machine may have been shared: samples compare, minutes less so):
   {', '.join(f'{k} {v:.1f}' for k, v in minutes.items() if v)}.
 """

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bld_t2i.checkpoint import read_latest
 from bld_t2i.config import Config, DenoiserConfig, LatentsConfig, load_config
 from bld_t2i.data.latents import check_manifests, latent_loader, read_manifest, unpack_bits_tensor
 from bld_t2i.diffusion import diffusion_loss, keep_factors
@@ -230,7 +231,7 @@ def test_a_grid_change_and_a_partial_load_train(tmp_path, source_run, tiny_image
     spec = f"{latents}/latents-{{000000..000003}}.tar"
     out = tmp_path / "grid16"
     log = _train(1, out, spec, tmp_path / "ae128", *CLASS, f"init.from={source_run / 'export'}",
-                 "train.total_samples=32", "latents.batch_size=8")
+                 "train.total_samples=32", "latents.batch_size=8", "train.log_every_samples=8")
     assert "resized: pos_embed (8x8 -> 16x16)" in log, log[-3000:]
     losses = [r["loss"] for r in _records(out) if "loss" in r]
     assert len(losses) == 4 and all(0 < v < 2 for v in losses)
@@ -257,11 +258,14 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latents(tmp_path, ti
 
     out = tmp_path / "ft"
     held_out = tiny_image_shards.split("{")[0] + "000003.tar"
-    train_ae_main(["--recipe", str(ROOT / "recipes/ae/test_tiny.yaml"), f"run.out_dir={out}",
-                   f"data.shards={tiny_image_shards.replace('000003}', '000002}')}", "data.image_size=64",
-                   f"init.from={tiny_ae}", "autoencoder.train_parts=decoder", "ae_loss.disc_weight=0",
-                   "ae_loss.deterministic_start_samples=1", "optim.lr=3e-3", "train.total_samples=96",
-                   f"val.shards={held_out}", "val.every_samples=48", "val.max_samples=32", "train.ema_decay=0.5"])
+    argv = ["--recipe", str(ROOT / "recipes/ae/test_tiny.yaml"), f"run.out_dir={out}",
+            f"data.shards={tiny_image_shards.replace('000003}', '000002}')}", "data.image_size=64",
+            f"init.from={tiny_ae}", "autoencoder.train_parts=decoder", "ae_loss.disc_weight=0",
+            "ae_loss.deterministic_start_samples=1", "optim.lr=3e-3", "train.total_samples=96",
+            f"val.shards={held_out}", "val.every_samples=48", "val.max_samples=32", "train.ema_decay=0.5"]
+    train_ae_main([*argv, "train.max_steps=6"])  # stopped at 24 samples, then resumed to the end
+    train_ae_main(argv)
+    assert json.loads((read_latest(out / "checkpoints") / "trainer.json").read_text())["samples"] == 96
     before, after = BinaryAutoencoder.from_pretrained(tiny_ae), BinaryAutoencoder.from_pretrained(out / "export")
     b, a = before.state_dict(), after.state_dict()
     encoder = [k for k in b if k.startswith(("encoder.", "to_logits."))]
@@ -283,8 +287,9 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latents(tmp_path, ti
         check_manifests(str(old / "latents-000000.tar"), after.fingerprint, after.latent_shape, ())
     # validation: L1/PSNR and bit usage logged, and the held-out PSNR rises
     val = [r for r in _records(out) if "val/psnr" in r]
-    assert [r["samples"] for r in val] == [0, 48, 96]
-    assert {"val/l1", "val/bit_entropy", "val/dead_channels", "val/saturated_channels", "val/bit_rate_min"} <= val[0].keys()
+    assert [r["samples"] for r in val] == [0, 24, 48, 96]  # the first launch validated at its end too
+    assert {"val/l1", "val/bit_entropy", "val/dead_channels", "val/saturated_channels", "val/bit_rate_min",
+            "val/colour_error", "val/colour_shift_g"} <= val[0].keys()
     assert val[-1]["val/psnr"] > val[0]["val/psnr"] + 0.5, val
     assert len(json.loads((out / "eval.json").read_text())["val/bit_rates"]) == 8
 
@@ -304,3 +309,31 @@ def test_init_from_is_the_from_key_everywhere():
 
     assert to_dict(cfg)["init"]["from"] == "/some/run" and "from_" not in to_dict(cfg)["init"]
     assert isinstance(Config().init.from_, str)
+
+
+def test_the_colour_error_measures_a_hue_shift_and_bit_usage_counts_dead_channels():
+    """An autoencoder stand-in that turns every image 10 levels greener, with a code whose
+    channel 0 is always 0 and channel 1 always 1: the metrics say exactly that."""
+    from bld_t2i.training.validation import autoencoder_val_metrics
+
+    class Greener:
+        def eval(self):
+            return self
+
+        def encode(self, x):
+            self.x = x
+            bits = torch.rand(len(x), 2, 2, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+            bits[..., 0], bits[..., 1] = False, True
+            return bits
+
+        def decode(self, bits):
+            return self.x + torch.tensor([0.0, 10 / 127.5, 0.0]).view(1, 3, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    samples = [{"image": torch.rand(3, 16, 16, generator=g) * 1.6 - 0.8, "key": f"k{i}"} for i in range(6)]
+    metrics, shown = autoencoder_val_metrics(Greener(), Share(samples, 6), (2, 2, 4), 4, torch.device("cpu"), shown=2)
+    assert metrics["val/colour_shift_g"] == pytest.approx(10.0) and metrics["val/colour_shift_r"] == pytest.approx(0)
+    assert metrics["val/colour_error"] == pytest.approx(10 / 3)
+    assert metrics["val/dead_channels"] == 1 and metrics["val/saturated_channels"] == 1
+    assert metrics["val/dead_bits"] == 0.5 and metrics["val/images"] == 6 and shown[0].shape == (2, 3, 16, 16)
+    assert metrics["val/bit_rates"][:2] == [0.0, 1.0]

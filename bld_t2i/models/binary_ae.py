@@ -100,6 +100,18 @@ class AEOutput(NamedTuple):
     bits: torch.Tensor  # (B, C, h, w) sampled 0/1 with the straight-through gradient
 
 
+def _safetensors_bytes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("",)) -> bytes:
+    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items() if k.startswith(prefixes)})
+
+
+def code_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of what determines the latents: the code rule and the encoder's and logit head's
+    tensors of an autoencoder's state dict. The decoder is left out: fine-tuning it alone keeps
+    the fingerprint, and the latent shards encoded before stay valid. The resolution is left out
+    too (the encoder is convolutional); the latent manifests check the grid on their own."""
+    return hashlib.sha256(CODE_RULE.encode() + _safetensors_bytes(state, ENCODER_PREFIXES)).hexdigest()
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -192,17 +204,13 @@ class BinaryAutoencoder(nn.Module):
 
     # -- export
 
-    def _weights_bytes(self, prefixes: tuple[str, ...] = ("",)) -> bytes:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items() if k.startswith(prefixes)}
-        return save_safetensors(tensors)
+    def _weights_bytes(self) -> bytes:
+        return _safetensors_bytes(self.state_dict())
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of what determines the latents: the code rule and the encoder's and logit
-        head's weights. The decoder is left out: fine-tuning it alone keeps the fingerprint, and
-        the latent shards encoded before stay valid. The resolution is left out too (the
-        encoder is convolutional); the latent manifests check the grid on their own."""
-        return hashlib.sha256(CODE_RULE.encode() + self._weights_bytes(ENCODER_PREFIXES)).hexdigest()
+        """What latent manifests check: `code_fingerprint` of the weights."""
+        return code_fingerprint(self.state_dict())
 
     @property
     def weights_sha256(self) -> str:

@@ -23,10 +23,10 @@ from bld_t2i.checkpoint import atomic_write_text
 from bld_t2i.config import Config
 from bld_t2i.data.images import image_loader
 from bld_t2i.models.ae_losses import LPIPS, PatchDiscriminator, bit_stats, generator_loss, hinge_d_loss, psnr, ssim
-from bld_t2i.models.binary_ae import BinaryAutoencoder
+from bld_t2i.models.binary_ae import BinaryAutoencoder, code_fingerprint
 from bld_t2i.training.checkpointer import Checkpointer
 from bld_t2i.training.ema import EMA
-from bld_t2i.training.init_from import load_initial_weights
+from bld_t2i.training.init_from import load_source, read_source
 from bld_t2i.training.loop import Parts
 from bld_t2i.training.validation import autoencoder_val_metrics, read_heldout_images
 from bld_t2i.utils import make_grid, save_png, to_pil
@@ -65,16 +65,20 @@ class AutoencoderTask:
         decoder_only = cfg.autoencoder.train_parts == "decoder"
         if decoder_only and not cfg.init.from_:
             raise ValueError("autoencoder.train_parts=decoder fine-tunes an autoencoder's decoder: name it with init.from")
-        if resume_world is None and cfg.init.from_:  # a fresh start from another run's weights
-            source = load_initial_weights(self.model, cfg.init, "autoencoder")
-            # the encoder stays as the source's: manifests naming the source's weights stay valid
-            self.model.encoder_of = source.encoder_of if decoder_only else ()
-        self.model.to(device)
+        source = None
+        if cfg.init.from_ and (resume_world is None or decoder_only):
+            source = read_source(cfg.init.from_, "autoencoder", cfg.init.use_ema)
+        if source is not None and resume_world is None:  # a fresh start from another run's weights
+            load_source(self.model, source, cfg.init)
+        self.fingerprint = None  # what the encoder must stay: decoder-only runs check it at the end
         if decoder_only:  # frozen: no gradient, no optimizer state, no weight decay, bit for bit
             self.model.encoder.requires_grad_(False)
             self.model.to_logits.requires_grad_(False)
-            D.print0(f"[train_ae] training the decoder only; encoder fingerprint {self.model.fingerprint[:16]}...")
-        self.fingerprint = self.model.fingerprint
+            # the encoder is the source's: latent manifests that name the source's weights stay valid
+            self.model.encoder_of = source.encoder_of
+            self.fingerprint = code_fingerprint(source.state)
+            D.print0(f"[train_ae] training the decoder only; encoder fingerprint {self.fingerprint[:16]}...")
+        self.model.to(device)
         self.disc = PatchDiscriminator(lc.disc_layers, lc.disc_width).to(device) if lc.disc_weight > 0 else None
         self.lpips = LPIPS.from_folder(lc.lpips_path).to(device) if lc.lpips_path else None
         if self.lpips is None:
@@ -175,7 +179,7 @@ class AutoencoderTask:
         batch without held-out shards)."""
         cfg, out = self.cfg, Path(self.cfg.run.out_dir)
         ae = BinaryAutoencoder.from_pretrained(export, device=self.device)
-        if cfg.autoencoder.train_parts == "decoder" and ae.fingerprint != self.fingerprint:
+        if self.fingerprint is not None and ae.fingerprint != self.fingerprint:
             raise RuntimeError(f"the decoder-only run changed the encoder: fingerprint {ae.fingerprint} != "
                                f"{self.fingerprint} at the start")
         if self.heldout is not None:

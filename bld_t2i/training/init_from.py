@@ -125,11 +125,16 @@ def load_initial_weights(model: torch.nn.Module, cfg: InitConfig, part: Part,
     """Load `cfg.from_`'s weights into `model` (before DeepSpeed or DDP wraps it), checked and
     logged as the module docstring says; returns the source. `grid`: the new denoiser's grid."""
     source = read_source(cfg.from_, part, cfg.use_ema)
+    load_source(model, source, cfg, grid)
+    return source
+
+
+def load_source(model: torch.nn.Module, source: Source, cfg: InitConfig, grid: tuple[int, int] | None = None) -> None:
+    """`load_initial_weights` of a source already read."""
     match = match_state(model, source.state, source.grid, grid)
     check_match(match, cfg, source.what)
     model.load_state_dict(match.state, strict=False)
     D.print0(describe(match, source.what))
-    return source
 
 
 # ----------------------------------------------------------------------------- reading sources

@@ -11,11 +11,14 @@ dropout) of every sample at `val.t_values` fixed times t (`validation_times`), o
 with noise seeded by (run.seed, t, sample key) alone (`keyed_z_t`). Logged as `val/loss` and
 `val/loss_t{t}`.
 
-Autoencoder: the deterministic code's reconstructions: `val/l1`, `val/psnr`, `val/ssim`, and
-the code's bit usage over the held-out set: per-channel rates of ones (min and max logged,
-all in eval.json), dead (rate < 1%) and saturated (> 99%) channels, their fraction
-`val/dead_bits`, and the mean per-bit entropy `val/bit_entropy` (MaskBit and BSQ-ViT track
-bit usage: dead bits are the binary tokenizers' common failure).
+Autoencoder: the deterministic code's reconstructions: `val/l1`, `val/psnr`, `val/ssim`, the
+colour error `val/colour_error` (per image and RGB channel, |mean reconstructed value - mean
+input value| in 8-bit levels, averaged: a hue shift such as red turning orange) with the signed
+mean shift per channel `val/colour_shift_{r,g,b}`, and the code's bit usage over the held-out
+set: per-channel rates of ones (min and max logged, all in eval.json), dead (rate < 1%) and
+saturated (> 99%) channels, their fraction `val/dead_bits`, and the mean per-bit entropy
+`val/bit_entropy` (MaskBit and BSQ-ViT track bit usage: dead bits are the binary tokenizers'
+common failure).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def autoencoder_val_metrics(ae, share: Share, code_shape: tuple[int, int, int], 
     images of this rank's share with their reconstructions, for a grid. `code_shape`: (h, w, C)
     of the held-out images' codes."""
     ae.eval()
-    sums = {"l1": 0.0, "psnr": 0.0, "ssim": 0.0}
+    sums = dict.fromkeys(("l1", "psnr", "ssim", "colour_error", "colour_shift_r", "colour_shift_g", "colour_shift_b"), 0.0)
     ones, count, picked = None, 0, None
     for samples in _batches(share.samples, batch_size):
         x = torch.stack([s["image"] for s in samples]).to(device)
@@ -173,6 +176,10 @@ def autoencoder_val_metrics(ae, share: Share, code_shape: tuple[int, int, int], 
         sums["l1"] += (x - x_hat).abs().flatten(1).mean(1).double().sum().item()
         sums["psnr"] += psnr(x, x_hat).double().sum().item()
         sums["ssim"] += ssim(x, x_hat).double().sum().item()
+        shift = (x_hat.clamp(-1, 1) - x).mean(dim=(2, 3)).double() * 127.5  # (B, 3) in 8-bit levels
+        sums["colour_error"] += shift.abs().mean(1).sum().item()
+        for c, name in enumerate("rgb"):
+            sums[f"colour_shift_{name}"] += shift[:, c].sum().item()
         per_bit = bits.double().sum(0)  # (h, w, C) ones over the batch
         ones = per_bit if ones is None else ones + per_bit
         count += len(x)
