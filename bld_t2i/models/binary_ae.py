@@ -40,7 +40,7 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_SHA_FILE = "fingerprint"  # sha256 of model.safetensors (the file name predates `fingerprint`'s meaning)
 # The rule that turns the encoder's output into the stored code: part of the fingerprint, so a
 # change of rule (not only of weights) invalidates latents encoded by the old one.
-CODE_RULE = "bld-code-1: b = 1[sigmoid(to_logits(encoder(x))) > 0.5], (B, h, w, C)"
+CODE_RULE = "bld-code-2: b = 1[to_logits(encoder(x)) > 0] in float32, (B, h, w, C)"
 ENCODER_PREFIXES = ("encoder.", "to_logits.")  # the tensors that determine the code
 
 
