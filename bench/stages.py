@@ -60,7 +60,7 @@ def records(run: Path) -> list[dict]:
 def recall(report: Path) -> dict[str, dict]:
     """{setting name: {"recall_at_1", "recall_at_10"}} from an evaluation's metrics.json."""
     data = json.loads((report / "metrics.json").read_text())
-    return {s["name"]: s for s in data["settings"]}
+    return {s["setting"]: s for s in data["settings"]}
 
 
 def main(argv=None) -> None:
