@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     shift = " / ".join(f"{ae_val[-1][f'val/colour_shift_{c}']:+.2f}" for c in "rgb")
     notes = f"""
 Both second-stage runs: `recipes/stages/t2i_emoji64.yaml`, {args.samples:,} samples, the same seed
-and data order, 2 CPU processes (ZeRO-2), validated on held-out latent shard 7 (256 emoji none
+and data order, 2 CPU processes (ZeRO-2), validated on held-out latent shard 7 (179 emoji none
 of the stages trained on; `val/loss`: the balanced flip loss at t = 8, 24, 40, 56 of T = 64,
 noise seeded per sample key, EMA weights). Recall: the fraction of the 32 samples of the 8 seen
 prompts whose Hamming-nearest training latent (64 px) carries the prompt's caption (chance ~1/1,929).
