@@ -47,7 +47,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PIP) install -q --upgrade pip setuptools wheel $(QUIET_PIP)
 	@$(PIP) install -q torch torchvision $(QUIET_PIP)
 	@# DeepSpeed builds from source; DS_BUILD_OPS=0 defers its C++ ops to JIT on first use.
-	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16" $(QUIET_PIP)
+	@DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.19.0" $(QUIET_PIP)
 	@# the package's own dependencies are ranges; constraints.txt pins the tested set (and spares
 	@# pip minutes of backtracking over the s3fs/aiobotocore/botocore line)
 	@$(PIP) install -q -c constraints.txt -e ".[test,metrics,tables,demo]" $(QUIET_PIP)
@@ -66,7 +66,8 @@ bench: setup
 	$(PY) bench/run_all.py
 
 # On a CUDA machine (no `setup`: it may lack the internet and the venv): GPU tests and the
-# GPU benches within 8 minutes, results in $(OUT) (bench/gpu_check.sh; GPU_CHECK_DRY=1 on a CPU).
+# GPU benches within 7 minutes, results in $(OUT) (bench/gpu_check.sh; GPU_CHECK_DRY=1 on a CPU).
+# It installs ./.whl first: `bash bench/build_wheels.sh` on a machine with the internet.
 OUT ?= gpu_results
 gpu-check:
 	OUT=$(abspath $(OUT)) bash bench/gpu_check.sh

@@ -109,8 +109,8 @@ NOTES = """Samples per CPU-second count the CPU time of the training process and
 together, so they do not depend on how busy a shared machine is; the wall rate is what this run
 got; wall / CPU-second is the share of the cores the run got (a loaded 2-core machine gives a
 fraction of one core). (a) is bound by Python parsing of the tar headers (three members per sample) and the
-per-sample caption/JSON handling; reading the bytes and the one `np.unpackbits` per batch are a
-small part. Worker rows add the pickling of each batch to the training process. (b) runs on
+per-sample caption/JSON handling; reading the bytes is a small part (the bits stay packed:
+the trainer unpacks them on its device). Worker rows add the pickling of each batch to the training process. (b) runs on
 fewer samples than (a); the rates are per second either way."""
 
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import machine_stamp, write_result
@@ -94,12 +95,15 @@ def measure(args) -> dict:
     B = args.batch_size
     model = Denoiser(cfg.denoiser, (h, w, C), TEXT_DIM).to(device)
     optimizer = optimizer_for(model, cfg)
-    batch = {"bits": (torch.rand(B, h * w, C) < 0.5).to(torch.uint8),  # as the latent loader gives them
+    bits = (torch.rand(B, h * w * C) < 0.5).numpy()
+    batch = {"packed": torch.from_numpy(np.packbits(bits, axis=1)),  # as the latent loader gives them
              "emb": torch.randn(B, TEXT_LEN, TEXT_DIM).half(), "emb_mask": torch.ones(B, TEXT_LEN, dtype=torch.bool)}
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     null_text = null_condition_text(None, torch.zeros(1, TEXT_DIM), device)
     if args.path == "deepspeed":
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
-            cfg.train.zero_stage, B, cfg.train.grad_accum, cfg.optim.grad_clip, args.precision))
+            cfg.train, B, cfg.train.grad_accum, cfg.optim.grad_clip, sum(p.numel() for p in model.parameters())))
         dtype = None
     else:
         engine, dtype = PlainEngine(model, optimizer, cfg.optim.grad_clip, args.precision == "bf16"), torch.float32
@@ -205,7 +209,7 @@ def main() -> None:
     batch, steps, warmup = (v * n if len(v) == 1 else v for v in (batch, steps, warmup))
 
     stamp = machine_stamp()  # before the runs: the load average others put on the machine
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     for name, b, s, wu in zip(args.presets, batch, steps, warmup):
         runs = [("torch", 1), ("deepspeed", 1)]
         if args.procs > 1:
@@ -215,16 +219,25 @@ def main() -> None:
                 runs.append(("deepspeed", args.procs))
         base = None
         for path, procs in runs:
-            r = run(path, procs, name, b, s, wu, args)
-            base = base or r
+            label = "plain torch loop" if path == "torch" else f"DeepSpeed ZeRO-2, {procs} proc" + "s" * (procs > 1)
+            try:
+                r = run(path, procs, name, b, s, wu, args)
+            except RuntimeError as e:  # an out-of-memory, say: a row that says so, and the other rows still run
+                print(f"[bench_train]   {e}", flush=True)
+                failed.append(f"{name} {label} batch {b}: {str(e).strip().splitlines()[-1][:300]}")
+                rows.append({"preset": name, "path": label, "device": f"{args.device} {args.precision}",
+                             "batch/proc": b, "step s": None, "samples/s": None, "vs plain torch": "failed (notes)"})
+                continue
+            if path == "torch":
+                base = r
             rows.append({
                 "preset": f"{name} ({r['params_m']:.1f}M)",
-                "path": "plain torch loop" if path == "torch" else f"DeepSpeed ZeRO-2, {procs} proc" + "s" * (procs > 1),
+                "path": label,
                 "device": f"{r['device']} {args.precision}",
                 "batch/proc": b, "threads/proc": threads_per_process(procs, args), "timed steps": s,
                 "step s": r["step_s"], "samples/s": r["samples_s"], "tokens/s": r["samples_s"] * r["tokens_per_sample"],
                 "GFLOP/s": r["gflop_s"], "MFU": f"{100 * r['mfu']:.1f}%" if r["mfu"] else None,
-                "vs plain torch": "" if path == "torch"
+                "vs plain torch": "" if path == "torch" or base is None
                 else f"{100 * (r['samples_s'] / base['samples_s'] - 1):+.0f}% samples/s",
                 "peak RSS/mem GiB": r["peak_mem_gib"],
             })
@@ -240,10 +253,12 @@ def main() -> None:
         "Peak memory: GPU max allocated on CUDA, process peak RSS on the CPU.",
         "Load average (1/5/15 min) at the end: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         *skipped,
+        *(f"Failed: {x}" for x in failed),
     ]
     path = write_result(f"train_{'gpu' if cuda else 'cpu'}", "Training throughput (denoiser)", rows,
                         "\n".join(f"- {x}" for x in notes), stamp)
     print(path.read_text())
+    sys.exit(1 if failed else 0)  # the table is written either way
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common import write_result
@@ -34,18 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def step(title: str, done: Path, cmd: list[str], env: dict | None = None) -> float:
-    """Run `cmd` unless `done` exists; its minutes (0 when skipped)."""
+def step(title: str, done: Path, cmd: list[str], env: dict | None = None) -> None:
+    """Run `cmd` unless `done` exists."""
     if done.exists():
         print(f"[stages] {title}: done before", flush=True)
-        return 0.0
+        return
     print(f"[stages] {title}\n  $ {' '.join(cmd)}", flush=True)
-    start = time.time()
     path = f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PATH": path, **(env or {})})
     if proc.returncode != 0:
         sys.exit(f"[stages] {title} failed (exit {proc.returncode}); rerun to resume")
-    return (time.time() - start) / 60
 
 
 def torchrun(recipe: str, *overrides: str) -> list[str]:
@@ -57,10 +54,16 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
 
 
+def minutes_of(run: Path) -> float:
+    """Wall minutes between a run's first and last stats.jsonl line (its training, validations included)."""
+    times = [r["time"] for r in records(run)]
+    return (times[-1] - times[0]) / 60
+
+
 def recall(report: Path) -> dict[str, dict]:
     """{setting name: {"recall_at_1", "recall_at_10"}} from an evaluation's metrics.json."""
     data = json.loads((report / "metrics.json").read_text())
-    return {s["name"]: s for s in data["settings"]}
+    return {s["setting"]: s for s in data["settings"]}
 
 
 def main(argv=None) -> None:
@@ -72,23 +75,22 @@ def main(argv=None) -> None:
     demo, out = (ROOT / args.demo).resolve(), (ROOT / args.out).resolve()
     env2 = {"OMP_NUM_THREADS": "1"}
     train7 = "{000000..000006}"
-    minutes = {}
 
     t2i32 = out / "t2i32"
-    minutes["stage 1 (32 px)"] = step(
+    step(
         "stage 1: the demo recipe at 32 px on shards 0-6", t2i32 / "export" / "model_index.json",
         torchrun("recipes/t2i_emoji_demo.yaml", f"run.out_dir={t2i32}",
                  f"latents.shards={demo}/latents/latents-{train7}.tar", f"autoencoder.path={demo}/ae/export",
                  f"val.shards={demo}/latents/latents-000007.tar", "val.every_samples=36000", "val.max_samples=256",
                  "train.sample_every_samples=0"), env2)
     ae64 = out / "ae64"
-    minutes["decoder fine-tune (64 px)"] = step(
+    step(
         "the demo autoencoder's decoder at 64 px", ae64 / "export" / "config.json",
         [PY, "-m", "bld_t2i.cli.train_ae", "--recipe", "recipes/stages/ae_emoji64_decoder.yaml", f"run.out_dir={ae64}",
          f"data.shards={demo}/shards/shard-{train7}.tar", f"val.shards={demo}/shards/shard-000007.tar",
          f"init.from={demo}/ae/export", "val.every_samples=3200"])
     lat64 = out / "latents64"
-    minutes["encoding (64 px)"] = step(
+    step(
         "64 px latent shards", lat64 / "manifest.json",
         [PY, "data_tools/encode_latents.py", "--shards", f"{demo}/shards/shard-{{000000..000007}}.tar",
          "--autoencoder", str(ae64 / "export"), "--out", str(lat64), "--recipe", "recipes/stages/t2i_emoji64.yaml"])
@@ -96,7 +98,7 @@ def main(argv=None) -> None:
     rows, evals = [], {}
     for name, init in stage2.items():
         run = out / ("t2i64_init" if "stage" in name else "t2i64_scratch")
-        minutes[f"stage 2, {name}"] = step(
+        step(
             f"stage 2 at 64 px, {name}", run / "export" / "model_index.json",
             torchrun("recipes/stages/t2i_emoji64.yaml", f"run.out_dir={run}", init, f"train.total_samples={args.samples}",
                      f"latents.shards={lat64}/latents-{train7}.tar", f"val.shards={lat64}/latents-000007.tar",
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
         val = {r["samples"]: r["val/loss"] for r in records(run) if "val/loss" in r}
         train = [r for r in records(run) if "loss" in r]
         row = {"second stage (64 px, 16x16)": name, **{f"val loss @ {s // 1000}k": v for s, v in sorted(val.items())},
-               "train loss (last line)": train[-1]["loss"]}
+               "train loss (last line)": train[-1]["loss"], "minutes": minutes_of(run)}
         for setting, m in evals[name].items():
             row[f"recall@1 {setting}"] = m.get("recall_at_1")
             row[f"recall@10 {setting}"] = m.get("recall_at_10")
@@ -121,21 +123,21 @@ def main(argv=None) -> None:
     shift = " / ".join(f"{ae_val[-1][f'val/colour_shift_{c}']:+.2f}" for c in "rgb")
     notes = f"""
 Both second-stage runs: `recipes/stages/t2i_emoji64.yaml`, {args.samples:,} samples, the same seed
-and data order, 2 CPU processes (ZeRO-2), validated on held-out latent shard 7 (256 emoji none
+and data order, 2 CPU processes (ZeRO-2), validated on held-out latent shard 7 (179 emoji none
 of the stages trained on; `val/loss`: the balanced flip loss at t = 8, 24, 40, 56 of T = 64,
 noise seeded per sample key, EMA weights). Recall: the fraction of the 32 samples of the 8 seen
 prompts whose Hamming-nearest training latent (64 px) carries the prompt's caption (chance ~1/1,929).
 
-- First stage (32 px, 8x8, the demo recipe on shards 0-6): held-out val loss {first[0]['val/loss']:.4f}
-  at 0 samples, {first[-1]['val/loss']:.4f} at {first[-1]['samples']:,}.
+- First stage (32 px, 8x8, the demo recipe on shards 0-6, {minutes_of(t2i32):.1f} min): held-out val loss
+  {', '.join(f"{r['val/loss']:.4f} at {r['samples']:,}" for r in first)} samples.
 - Decoder-only fine-tune of the demo autoencoder at 64 px (the encoder bit for bit, so the 64 px
   latents are the demo encoder's codes): held-out PSNR {ae_val[0]['val/psnr']:.2f} dB before,
-  {ae_val[-1]['val/psnr']:.2f} dB after {ae_val[-1]['samples']:,} samples; mean colour error
+  {ae_val[-1]['val/psnr']:.2f} dB after {ae_val[-1]['samples']:,} samples ({minutes_of(ae64):.1f} min); mean colour error
   {ae_val[0]['val/colour_error']:.2f} -> {ae_val[-1]['val/colour_error']:.2f} 8-bit levels (mean shift R/G/B
   {shift});
   dead / saturated channels {ae_val[-1]['val/dead_channels']} / {ae_val[-1]['val/saturated_channels']} of 32.
-- Minutes per step on this run (the machine may have been shared: samples compare, minutes less so):
-  {', '.join(f'{k} {v:.1f}' for k, v in minutes.items() if v)}.
+- Minutes: from each run's first to its last stats.jsonl line; the machine was shared with other
+  jobs (samples compare, minutes less so).
 """
     path = write_result("stages", "Training in stages: the emoji demo model continued at 64 px", rows, notes)
     print(path.read_text())

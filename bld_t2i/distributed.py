@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from bld_t2i.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ def pick_device(preference: str = "auto") -> torch.device:
         raise ValueError(f"train.device must be auto, cpu or cuda, got {preference!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    # TF32 for the float32 matmuls left (a float32 recipe, the sampler's float32 path): tensor
+    # cores at a 10-bit mantissa instead of full float32 on CUDA cores (cuDNN's convolutions
+    # use TF32 by default already)
+    torch.set_float32_matmul_precision("high")
     return torch.device("cuda", dist_info().local_rank % torch.cuda.device_count())
 
 
@@ -243,7 +250,8 @@ class StopFlag:
         self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     def poll(self) -> bool:
-        flag = torch.tensor([float(_stop_signal is not None)], device=self.device)
+        # a fill kernel: torch.tensor([...], device=cuda) would copy a pageable host list, and wait
+        flag = torch.full((1,), float(_stop_signal is not None), device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag)
         cuda = self.device.type == "cuda"
@@ -282,18 +290,62 @@ def all_gather_objects(obj) -> list:
 # a sharded EMA and for consolidated exports. Kept here so no other module imports deepspeed.
 
 
-def deepspeed_config(zero_stage: int, micro_batch: int, grad_accum: int, grad_clip: float, precision: str,
+class ZeroSizes(NamedTuple):
+    """ZeRO's communication sizes, in elements (`zero_sizes`)."""
+
+    bucket: int  # reduce buckets (ZeRO 1-3) and the all-gather buckets of ZeRO 1/2
+    prefetch: int  # ZeRO-3: parameters gathered ahead of the block that needs them
+    persistence: int  # ZeRO-3: parameters this small stay whole on every rank
+
+
+def zero_sizes(n_params: int) -> ZeroSizes:
+    """The defaults for a model of `n_params` parameters.
+
+    DeepSpeed's bucket default, 5e8 elements, is larger than every denoiser preset: one bucket,
+    reduced after the whole backward, overlaps nothing. An eighth of the model lets the last
+    blocks' gradients travel while the first blocks' backward still runs; at least 5M elements
+    (10 MB in bf16) keeps NCCL near its bus bandwidth. ZeRO-3 prefetches as much (about three
+    of the 24 blocks of `authors` or `large`) and keeps parameters under a thousandth of the
+    model (biases, norms: gathering them costs latency, keeping them costs almost no memory)
+    whole on every rank.
+    """
+    bucket = min(500_000_000, max(5_000_000, n_params // 8))
+    return ZeroSizes(bucket=bucket, prefetch=bucket, persistence=min(1_000_000, max(10_000, n_params // 1000)))
+
+
+def deepspeed_config(train: TrainConfig, micro_batch: int, grad_accum: int, grad_clip: float, n_params: int,
                      load_universal: bool = False) -> dict:
-    """`load_universal`: the checkpoint to resume was written by another number of ranks and
+    """The engine's config from the `train` section, for a model of `n_params` parameters.
+
+    `load_universal`: the checkpoint to resume was written by another number of ranks and
     is loaded from its universal form (`to_universal`)."""
+    bf16 = train.precision == "bf16"
+    if bf16 and train.zero_stage == 0 and train.grad_accum_dtype == "fp32":
+        raise ValueError("train.grad_accum_dtype 'fp32' with train.precision 'bf16' needs train.zero_stage >= 1: "
+                         "DeepSpeed without ZeRO sums bf16 gradients in bf16; set train.zero_stage 1 (the optimizer "
+                         "states partitioned, nothing else changes) or train.grad_accum_dtype 'bf16'")
+    sizes = zero_sizes(n_params)
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage > 0:
+        zero.update(overlap_comm=train.overlap_comm, contiguous_gradients=True,
+                    reduce_bucket_size=train.zero_bucket_size or sizes.bucket)
+    if train.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = train.zero_bucket_size or sizes.bucket
+    if train.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=train.zero3_prefetch_size or sizes.prefetch,
+                    stage3_param_persistence_threshold=train.zero3_persistence_threshold or sizes.persistence)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
         # ZeRO 1-3 skip an optimizer step whose gradient norm is not finite (fp32: always, with
-        # clipping on; bf16: with check_grad_overflow); the trainer counts the skips.
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
-        "zero_optimization": {"stage": zero_stage},
+        # clipping on; bf16: with check_grad_overflow, DeepSpeed >= 0.17.1); the trainer counts the skips.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        # Gradients reduced across ranks and summed over micro-steps in these dtypes; DeepSpeed's
+        # defaults are the weights' (bf16: 8 bits of mantissa for a sum over ranks and steps).
+        "communication_data_type": train.communication_dtype,
+        "data_types": {"grad_accum_dtype": train.grad_accum_dtype},
+        "zero_optimization": zero,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,  # our own logging; DeepSpeed's would flood the log
         "wall_clock_breakdown": False,

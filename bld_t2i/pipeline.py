@@ -20,7 +20,10 @@ Images are drawn in batches, image i from its own generator, so it is the image 
 gives alone; `pipe(...)` draws those per-image seeds from `generator` (`seeds_from_generators`)
 and returns them. The condition's attention keys and values are computed once per batch
 (`Denoiser.prepare_condition`). GPU: dtype bf16 (bf16 weights, autocast keeps norms and
-softmax in fp32), `compile=True` (torch.compile with CUDA graphs: a batch's shapes are static).
+softmax in fp32), `compile=True` (torch.compile with CUDA graphs): every batch is then padded
+to `batch_size` rows and a guided call runs its guided 2B-row forward at every step, so that
+all calls of one batch size and guidance compile one graph shape and replay it
+(`sample(one_shape=True)`; tests/test_compile_shapes.py); eager sampling does neither.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ class BLDPipelineOutput:
     seeds: list[int]  # image i is `sample_latents(its prompt or label, seed=[seeds[i]])`
 
 
-def _rows(cond: dict | None, lo: int, hi: int) -> dict | None:
-    """Samples lo..hi-1 of a batched condition."""
-    return None if cond is None else {k: v[lo:hi] for k, v in cond.items()}
+def _rows(cond: dict | None, lo: int, hi: int, rows: int) -> dict | None:
+    """Samples lo..hi-1 of a batched condition, the last repeated up to `rows` rows."""
+    if cond is None:
+        return None
+    return {k: torch.cat([v[lo:hi], v[hi - 1 : hi].expand(rows - (hi - lo), *v.shape[1:])]) for k, v in cond.items()}
 
 
 class BLDPipeline:
@@ -99,6 +104,7 @@ class BLDPipeline:
         mode = "reduce-overhead" if device.type == "cuda" else None
         self._denoise = torch.compile(denoiser.denoise, mode=mode, dynamic=False) if compile else denoiser.denoise
         self._graphs = compile and device.type == "cuda"
+        self._compiled = compile
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
@@ -255,15 +261,19 @@ class BLDPipeline:
         out = []
         for lo in range(0, B, batch_size):
             hi = min(lo + batch_size, B)
+            # compiled: batch_size rows, the padding repeating the last image (drawn from its own
+            # generator, then dropped), so that every batch of every call has one shape
+            rows = batch_size if self._compiled else hi - lo
             with self._precision():  # the condition's keys and values, once for every step
-                c = self.denoiser.prepare_condition(_rows(cond, lo, hi), hi - lo)
-                u = self.denoiser.prepare_condition(_rows(null, lo, hi), hi - lo) if guided else None
-            z = sample(model_fn, (hi - lo, h * w, C), self.a, steps, cond=c, null_cond=u,
+                c = self.denoiser.prepare_condition(_rows(cond, lo, hi, rows), rows)
+                u = self.denoiser.prepare_condition(_rows(null, lo, hi, rows), rows) if guided else None
+            z = sample(model_fn, (rows, h * w, C), self.a, steps, cond=c, null_cond=u,
                        temperature=temperature, guidance=guidance, guidance_interval=interval,
-                       known=None if known is None else known.expand(hi - lo, -1, -1), mask=keep, inpaint=inpaint,
-                       generator=[torch.Generator(device=self.device).manual_seed(s) for s in seeds[lo:hi]],
-                       device=self.device)
-            out.append(z.reshape(hi - lo, h, w, C).bool().cpu())
+                       known=None if known is None else known.expand(rows, -1, -1), mask=keep, inpaint=inpaint,
+                       generator=[torch.Generator(device=self.device).manual_seed(s)
+                                  for s in seeds[lo:hi] + seeds[hi - 1 : hi] * (rows - (hi - lo))],
+                       device=self.device, one_shape=self._compiled)
+            out.append(z[: hi - lo].reshape(hi - lo, h, w, C).bool().cpu())
         return torch.cat(out)
 
     @torch.no_grad()

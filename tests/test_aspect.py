@@ -19,7 +19,7 @@ from PIL import Image
 
 from bld_t2i.config import AutoencoderConfig, LatentsConfig, StreamConfig, load_config
 from bld_t2i.data.images import fit, images_to_tensor, nearest_bucket, parse_buckets
-from bld_t2i.data.latents import latent_loader
+from bld_t2i.data.latents import VERSION, latent_loader, unpack_bits_tensor
 from bld_t2i.data.plan import describe_resume
 from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples, join, open_shard
 from bld_t2i.diffusion import keep_factors, sample
@@ -85,7 +85,7 @@ def test_latent_shards_record_each_samples_grid(aspect_data):
     ae, _, latents, images = aspect_data
     manifest = json.loads((Path(latents).parent / "manifest.json").read_text())
     n = NUM_SHARDS * PER_SHARD
-    assert manifest["version"] == 2 and manifest["total"] == n
+    assert manifest["version"] == VERSION and manifest["total"] == n
     assert manifest["buckets"] == [[32, 32], [24, 40], [40, 24]]
     assert manifest["grids"] == {"3x5": n // 3, "4x4": n // 3, "5x3": n // 3}
     # each sample's bits are the autoencoder's code of its image fitted to its bucket
@@ -116,7 +116,7 @@ def test_loader_batches_by_grid_and_resumes_exactly(aspect_data):
     epoch = list(loader(finite=True))
     for b in epoch:
         h, w = b["grid"]
-        assert b["bits"].shape == (len(b["key"]), h * w, 8)
+        assert unpack_bits_tensor(b["packed"], (h, w, 8)).shape == (len(b["key"]), h * w, 8)
     assert {b["grid"] for b in epoch} == GRIDS
     keys = [k for b in epoch for k in b["key"]]
     assert len(keys) == NUM_SHARDS * PER_SHARD and len(set(keys)) == len(keys)
@@ -133,7 +133,7 @@ def test_loader_batches_by_grid_and_resumes_exactly(aspect_data):
     resumed.load_state_dict(state)
     for want in ref[5:]:
         got = next(resumed)
-        assert got["key"] == want["key"] and got["grid"] == want["grid"] and torch.equal(got["bits"], want["bits"])
+        assert got["key"] == want["key"] and got["grid"] == want["grid"] and torch.equal(got["packed"], want["packed"])
 
     # on 2 ranks instead (another slot count): the epoch is delivered with nothing lost, and
     # only the open shuffle windows' delivered samples come again

@@ -15,7 +15,7 @@ import torch
 
 from bld_t2i.config import AutoencoderConfig, LatentsConfig, StreamConfig, TextEncoderConfig
 from bld_t2i.data.images import ImageDecoder, images_to_tensor
-from bld_t2i.data.latents import latent_loader, pack_bits, unpack_bits
+from bld_t2i.data.latents import latent_loader, pack_bits, unpack_bits, unpack_bits_tensor
 from bld_t2i.data.shards import ShardError, TarShardWriter, expand_urls, iter_samples, open_shard
 from bld_t2i.data.stream import SkipSample
 from bld_t2i.models.binary_ae import BinaryAutoencoder
@@ -49,6 +49,8 @@ def test_pack_unpack_roundtrip_and_bit_order():
     packed = pack_bits(bits)
     assert packed.shape == (5, 6)
     assert np.array_equal(unpack_bits(packed, (3, 2, 7)), bits.reshape(5, 6, 7))
+    # the trainer's unpacking on the device: the same bits
+    assert np.array_equal(unpack_bits_tensor(torch.from_numpy(packed), (3, 2, 7)).numpy(), bits.reshape(5, 6, 7))
     one = np.zeros((1, 1, 1, 8), bool)
     one[0, 0, 0, 0] = True  # the first bit of the C-order flattening is the byte's most significant
     assert pack_bits(one)[0, 0] == 0x80
@@ -106,11 +108,12 @@ def test_encode_load_unpack_equals_autoencoder(tmp_path, tiny_ae, write_image_sh
     text = build_text_encoder(TextEncoderConfig(kind="hf", name="bert", random_init=True, max_length=8), "cpu")
     seen = []
     for b in batches:
-        assert b["bits"].shape[1:] == (16, 16) and b["emb"].dtype == torch.float16
+        bits = unpack_bits_tensor(b["packed"], ae.latent_shape)
+        assert bits.shape[1:] == (16, 16) and b["emb"].dtype == torch.float16
         enc = text.encode(b["caption"])
         for i, key in enumerate(b["key"]):
             seen.append(key)
-            assert np.array_equal(b["bits"][i].numpy(), ref[key])
+            assert np.array_equal(bits[i].numpy(), ref[key])
             assert b["caption"][i] == f"caption {key}" and b["label"][i] == int(key[-1]) % 3
             n = int(enc["mask"][i].sum())
             assert b["emb_mask"][i].sum() == n
@@ -179,5 +182,5 @@ def test_version_1_shards_without_grids_load_as_the_manifests_square(tmp_path):
     (batch,) = list(loader)
     assert batch["grid"] == (2, 3) and sorted(batch["key"]) == [f"k{i}" for i in range(4)]
     order = [int(k[1]) for k in batch["key"]]
-    assert np.array_equal(batch["bits"].numpy(), bits.reshape(4, 6, 8)[order])
+    assert np.array_equal(unpack_bits_tensor(batch["packed"], (2, 3, 8)).numpy(), bits.reshape(4, 6, 8)[order])
     assert loader.skipped() == {"unknown_grid": 1, "corrupt_grid": 1}

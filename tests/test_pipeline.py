@@ -24,7 +24,7 @@ from bld_t2i.cli.sample import main as sample_main
 from bld_t2i.config import Config, save_config
 from bld_t2i.data.encode import Encoder, encode_shards
 from bld_t2i.data.images import ImageDecoder
-from bld_t2i.data.latents import latent_loader
+from bld_t2i.data.latents import latent_loader, unpack_bits_tensor
 from bld_t2i.data.shards import TarShardWriter
 from bld_t2i.diffusion import diffusion_loss, keep_factors
 from bld_t2i.models.binary_ae import BinaryAutoencoder
@@ -91,7 +91,7 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
         ae = BinaryAutoencoder.from_config(cfg.autoencoder)
         ae.save_pretrained(cfg.autoencoder.path)
         spec = write_drawings(root / "images")
-        encode_shards(spec, str(root / "latents"), Encoder(ae, torch.device("cpu"), "fp32"),
+        encode_shards(spec, str(root / "latents"), Encoder(ae, torch.device("cpu")),
                       ImageDecoder(RES, "center_crop", 8), 16, 0, 1, None)
     ae = BinaryAutoencoder.from_pretrained(cfg.autoencoder.path)
 
@@ -111,7 +111,7 @@ def build_tiny_model(root: Path, conditioning: str = "cross_attn", null_cond: st
         else:
             cond = null = None
         cond, _ = drop_condition(cond, null, 0.1)
-        loss, _, _ = diffusion_loss(model, batch["bits"].float(), cond, a)
+        loss, _, _ = diffusion_loss(model, unpack_bits_tensor(batch["packed"], ae.latent_shape).float(), cond, a)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_pipeline import RES, build_tiny_model, one_torch_thread, shared_root  # noqa: F401 (autouse fixture)
 
-from bld_t2i.config import ConfigError, from_dict
+from bld_t2i.config import ConfigError, from_dict, to_dict
 from bld_t2i.pipeline import BLDPipeline
 from bld_t2i.pretrained import INDEX_FILE, write_pretrained
 
@@ -198,7 +198,7 @@ def test_write_pretrained_from_parts_and_the_flat_layout(tmp_path, flat_model, p
     flat.mkdir()
     shutil.copy(flat_model / "model.safetensors", flat)
     shutil.copytree(cfg.autoencoder.path, flat / "ae")
-    (flat / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "autoencoder": {
+    (flat / "config.json").write_text(json.dumps({**to_dict(cfg), "autoencoder": {
         **dataclasses.asdict(cfg.autoencoder), "path": "ae"}}))
     assert torch.equal(BLDPipeline.from_pretrained(flat, device="cpu")("red apple", **{**kw, "generator": _gen(4)})
                        .latents, pipe("red apple", **{**kw, "generator": _gen(4)}).latents)

@@ -9,7 +9,7 @@ import torch
 
 from bld_t2i.config import AutoencoderConfig, DataConfig, LatentsConfig
 from bld_t2i.data.images import image_loader
-from bld_t2i.data.latents import latent_loader
+from bld_t2i.data.latents import latent_loader, unpack_bits_tensor
 from bld_t2i.data.shards import read_bytes
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 
@@ -53,4 +53,4 @@ def test_write_read_resume_and_encode_through_s3(bucket, tmp_path, load_tool):
     lcfg = LatentsConfig(shards=f"{bucket}/lat/latents-{{000000..000003}}.tar", batch_size=8, num_workers=2)
     batches = list(latent_loader(lcfg, 0, ae.fingerprint, ae.latent_shape, finite=True))
     assert sorted(k for b in batches for k in b["key"]) == sorted(keys)
-    assert all(b["bits"].shape[1:] == (16, 16) for b in batches)
+    assert all(unpack_bits_tensor(b["packed"], ae.latent_shape).shape[1:] == (16, 16) for b in batches)

@@ -14,13 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bld_t2i.checkpoint import read_latest
 from bld_t2i.config import Config, DenoiserConfig, LatentsConfig, load_config
-from bld_t2i.data.latents import check_manifests, latent_loader, read_manifest
+from bld_t2i.data.latents import check_manifests, latent_loader, read_manifest, unpack_bits_tensor
 from bld_t2i.diffusion import diffusion_loss, keep_factors
 from bld_t2i.models.binary_ae import BinaryAutoencoder
 from bld_t2i.models.conditioning import drop_condition
@@ -107,8 +108,9 @@ def test_validation_loss_is_the_same_for_any_batch_size_and_falls_with_a_better_
     torch.manual_seed(0)
     model = Denoiser(cfg.denoiser, (4, 4, 8))
     g = torch.Generator().manual_seed(1)
-    samples = [{"bits": (torch.rand(16, 8, generator=g) > 0.8).to(torch.uint8), "grid": (4, 4), "key": f"s{i:02d}",
-                "caption": "", "label": torch.tensor(-1)} for i in range(11)]
+    bits = [(torch.rand(16, 8, generator=g) > 0.8).to(torch.uint8) for _ in range(11)]
+    samples = [{"packed": torch.from_numpy(np.packbits(b.numpy().reshape(-1))), "grid": (4, 4), "key": f"s{i:02d}",
+                "caption": "", "label": torch.tensor(-1)} for i, b in enumerate(bits)]  # as the latent loader gives them
     share, a = Share(samples, 11), keep_factors(16).float()
     values = []
     for batch in (1, 4, 11):
@@ -120,7 +122,7 @@ def test_validation_loss_is_the_same_for_any_batch_size_and_falls_with_a_better_
             assert abs(v[k] - values[0][k]) <= 1e-6, (k, v[k], values[0][k])
     # a model trained a few steps on these samples (mostly zeros) scores lower than the random one
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    z_0 = torch.stack([s["bits"] for s in samples]).float()
+    z_0 = torch.stack(bits).float()
     for step in range(30):
         g = torch.Generator().manual_seed(step)
         loss, _, _ = diffusion_loss(lambda z, t, c: model(z, t, c), z_0, None, a, generator=g)
@@ -181,7 +183,8 @@ def test_init_from_an_export_arrives_and_validates_alike_on_1_and_2_ranks(tmp_pa
     g = step_generator(cfg.run.seed, 0, 0, "cpu")
     cond, _ = drop_condition({"label": batch["label"]}, model.null_condition(4, "cpu"), cfg.denoiser.cond_drop_prob, g)
     with torch.no_grad():
-        expected, _, _ = diffusion_loss(lambda z, t, c: model(z, t, c).float(), batch["bits"].float(), cond,
+        z_0 = unpack_bits_tensor(batch["packed"], parts.autoencoder.latent_shape).float()
+        expected, _, _ = diffusion_loss(lambda z, t, c: model(z, t, c).float(), z_0, cond,
                                         keep_factors(cfg.diffusion.T, cfg.diffusion.schedule).float(),
                                         cfg.diffusion.loss, cfg.diffusion.aux_weight, g, cfg.diffusion.t_power)
     first = next(r for r in _records(one) if "loss" in r)

@@ -1,10 +1,13 @@
 """Frozen text encoders: tiny random HF and OpenCLIP models built offline, the real MiniLM."""
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bld_t2i.config import DenoiserConfig, TextEncoderConfig
+from bld_t2i.data.latents import LatentDecoder, LatentItem
 from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder, condition_from_embeddings, minilm_folder
@@ -43,7 +46,7 @@ def test_hf_encoder_from_a_local_folder(tmp_path):
     """The non-random path: AutoConfig -> CLIPTextModel from a saved folder, pooled = pooler output."""
     tiny = build_text_encoder(TextEncoderConfig(kind="hf", name="clip", random_init=True, max_length=N), "cpu")
     tiny.model.save_pretrained(tmp_path)
-    tiny.tokenizer.save_pretrained(tmp_path)
+    tiny.tokenize.tokenizer.save_pretrained(tmp_path)
     enc = build_text_encoder(TextEncoderConfig(kind="hf", name=str(tmp_path), max_length=N), "cpu")
     assert type(enc.model).__name__ == "CLIPTextModel"
     torch.testing.assert_close(enc.encode(CAPTIONS), tiny.encode(CAPTIONS))
@@ -120,3 +123,19 @@ def test_kinds_and_errors(tmp_path):
         build_text_encoder(TextEncoderConfig(kind="hf", name="minilm", max_length=100_000), "cpu")
     with pytest.raises(OSError, match="text_encoder.name"):
         build_text_encoder(TextEncoderConfig(kind="hf", name=str(tmp_path / "missing")), "cpu")
+
+
+@pytest.mark.parametrize("kind,name", [("hf", "bert"), ("open_clip", "")])
+def test_the_loader_workers_tokenize_and_the_trainer_encodes_the_ids(kind, name):
+    """`tokenize` crosses into the loader's worker processes (pickled) and its ids, through the
+    latent loader's collate, encode to what `encode` gives for the captions."""
+    enc = build_text_encoder(TextEncoderConfig(kind=kind, name=name, random_init=True, max_length=8), "cpu")
+    captions = ["a red apple", "", "a much longer caption about a cat on a mat, in the sun"]
+    tokenize = pickle.loads(pickle.dumps(enc.tokenize))
+    items = [LatentItem(bytes(2), c, f"k{i}", -1, {}, (2, 2), None) for i, c in enumerate(captions)]
+    decoder = LatentDecoder((2, 2, 4), {(2, 2)}, None, tokenize=tokenize)
+    batch = decoder.finish(decoder.collate(items))
+    assert batch["text_ids"].dtype == torch.int64 and batch["text_mask"].dtype == torch.bool
+    got, want = enc.encode_tokens(batch["text_ids"], batch["text_mask"]), enc.encode(captions)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -35,7 +35,7 @@ FLAGS = [Flag("--shards", "encode.shards", "image shard URLs, '::'-separated"),
          Flag("--out", "encode.out", "latent data set folder, local or s3://"),
          Flag("--batch-size", "encode.batch_size"), Flag("--resolution", "encode.resolution"),
          Flag("--resize", "encode.resize"), Flag("--buckets", "encode.buckets", "aspect-ratio buckets HxW,HxW,..."),
-         Flag("--min-size", "encode.min_size"), Flag("--dtype", "encode.dtype"),
+         Flag("--min-size", "encode.min_size"),
          Flag("--device", "encode.device"), Flag("--array-index", "encode.array_index"),
          Flag("--array-count", "encode.array_count")]
 
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     text_cfg = to_dict(cfg.text_encoder) if text_encoder else None
     buckets = parse_buckets(e.buckets, ae.arch.downsample)
     decoder = ImageDecoder(e.resolution or ae.resolution, e.resize, e.min_size, buckets)
-    done = encode_shards(e.shards, e.out, Encoder(ae, device, e.dtype, text_encoder), decoder,
+    done = encode_shards(e.shards, e.out, Encoder(ae, device, text_encoder), decoder,
                          e.batch_size, rank, world_size, text_cfg)
     if rank == 0:
         atomic_write_bytes(join(e.out, "encode_latents.json"), json.dumps(to_sections(cfg, SECTIONS), indent=2).encode())

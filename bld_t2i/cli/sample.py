@@ -36,7 +36,7 @@ FLAGS = [Flag("--model", "sample.model", "exported model folder"), Flag("--out",
          Flag("--init-image", "sample.init_image", "image to inpaint"),
          Flag("--mask", "sample.mask", "inpainting mask: white = regenerate"), Flag("--inpaint", "sample.inpaint"),
          Flag("--device", "sample.device"), Flag("--dtype", "sample.dtype"),
-         Flag("--compile", "sample.compile", "torch.compile the denoiser (CUDA graphs on a GPU)")]
+         Flag("--compile", "sample.compile", "torch.compile the denoiser (CUDA graphs; batches padded to --batch-size)")]
 
 
 def main(argv=None) -> None:

@@ -207,10 +207,33 @@ class TrainConfig(_Section):
     # it; SLURM's --signal lead time must cover this many steps.
     stop_check_every_steps: int = 1
     # torch.compile the denoiser's forward (in place: parameter names, checkpoints and exports
-    # stay as without it). The first steps pay the compilation.
+    # stay as without it), before DeepSpeed wraps it: ZeRO 0-2 only (ZeRO-3 gathers each
+    # parameter in hooks around every submodule, which the compiled forward would have to
+    # trace: refused). The first steps pay the compilation; text is padded to
+    # text_encoder.max_length so that every batch has one shape.
     compile: bool = False
     # Bound on every collective: a rank whose peer died mid-collective fails after this long.
     collective_timeout_s: float = 1800.0
+    # bf16: gradients reduced across ranks and summed over micro-steps in float32 (DeepSpeed's
+    # defaults are the weights' dtype, 8 bits of mantissa for sums over ranks and steps).
+    # ZeRO-0 sums bf16 weights' gradients in bf16 only: fp32 needs zero_stage >= 1.
+    communication_dtype: Literal["fp32", "bf16"] = "fp32"
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    # ZeRO 1-3: reduce gradients in buckets during the backward pass, not after it
+    overlap_comm: bool = True
+    # ZeRO communication sizes in elements; 0: sized by the parameter count
+    # (distributed.zero_sizes, written into bench/results/memory_cpu.md)
+    zero_bucket_size: int = 0  # reduce buckets, and ZeRO 1/2's all-gather buckets
+    zero3_prefetch_size: int = 0  # ZeRO-3: parameters gathered ahead of the block that needs them
+    zero3_persistence_threshold: int = 0  # ZeRO-3: parameters this small stay whole on every rank
+
+    def __post_init__(self) -> None:
+        # (the checks that span fields are where the fields are used, after every override:
+        # distributed.deepspeed_config, training/t2i.py)
+        super().__post_init__()
+        for name in ("zero_bucket_size", "zero3_prefetch_size", "zero3_persistence_threshold"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0: sized by the parameter count), got {getattr(self, name)}")
 
 
 @dataclass

@@ -55,7 +55,6 @@ class EncodeConfig(_Section):
     # pixel budget): each image goes to the bucket nearest its aspect ratio; empty: square
     buckets: list[str] = field(default_factory=list)
     min_size: int = 8  # smaller source images are skipped as tiny
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the encoder
     device: Literal["auto", "cpu", "cuda"] = "auto"
     array_index: int = -1  # this SLURM array task; -1: SLURM_ARRAY_TASK_ID (or 0)
     array_count: int = 0  # array tasks in all; 0: SLURM_ARRAY_TASK_COUNT (or 1)
@@ -83,7 +82,9 @@ class SampleConfig(_Section):
     inpaint: Literal["clamp", "renoise"] = "clamp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False  # torch.compile the denoiser (CUDA graphs on a GPU)
+    # torch.compile the denoiser (CUDA graphs on a GPU); every batch is padded to batch_size images
+    # and guided at every step, so that one graph shape serves the whole call
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections import Counter
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -43,7 +42,6 @@ from bld_t2i.data.shards import (
 )
 from bld_t2i.data.stream import SkipSample
 from bld_t2i.progress import progress
-from bld_t2i.utils import DTYPES
 
 log = logging.getLogger("bld_t2i.data")
 
@@ -65,15 +63,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class Encoder:
     """The frozen autoencoder (and optional text encoder) applied to batches of samples."""
 
-    def __init__(self, ae, device: torch.device, dtype: str, text_encoder=None):
+    def __init__(self, ae, device: torch.device, text_encoder=None):
         self.ae = ae.to(device).eval()
         self.device = device
-        self.autocast = torch.autocast(device.type, DTYPES[dtype]) if dtype != "fp32" else nullcontext()
         self.text_encoder = text_encoder
 
     def bits(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
         """(H, W, 3) uint8 images of one size -> (B, nbytes) packed codes and their grid (h, w)."""
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad():  # the float32 code, whatever the device (BinaryAutoencoder.encode)
             codes = self.ae.encode(images_to_tensor(arrays).to(self.device))  # (B, h, w, C) bool
         return pack_bits(codes.cpu().numpy()), (codes.shape[1], codes.shape[2])
 

@@ -179,7 +179,7 @@ class ImageDecoder(Decoder):
 def image_loader(cfg: DataConfig, seed: int, rank: int | None = None, world_size: int | None = None,
                  finite: bool = False, shards: str | None = None) -> ShardLoader:
     """The resumable image-caption loader of this rank (`shards` overrides cfg.shards,
-    e.g. with cfg.eval_shards)."""
+    e.g. with the held-out val.shards)."""
     rank, world_size = rank_and_world(rank, world_size)
     spec = cfg.shards if shards is None else shards
     if not spec:

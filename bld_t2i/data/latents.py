@@ -13,10 +13,15 @@ A latent data set is a folder (local or ``s3://``) with ``manifest.json`` and ta
   caption's real length.
 
 The null caption's embedding is stored once per data set (``null_emb.npy``). Batches hold
-samples of one grid (the stream's buckets, data/stream.py): ``bits`` uint8 (B, h*w, C) of
-0/1, ``grid`` (h, w) ints, ``caption``, ``key``, ``label``, ``json`` as for images; with
-embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
-(models.text_encoders.condition_from_embeddings turns them into a condition).
+samples of one grid (the stream's buckets, data/stream.py): ``packed`` uint8 (B, nbytes),
+the bits still packed (8x fewer bytes to copy to the device; `unpack_bits_tensor` unpacks
+them there), ``grid`` (h, w) ints, ``caption``, ``key``, ``label``, ``json`` as for images;
+with embeddings ``emb`` float16 (B, N, D) zero-padded and ``emb_mask`` bool (B, N)
+(models.text_encoders.condition_from_embeddings turns them into a condition), N the batch's
+longest caption, or `text_length` where one is given (a compiled step sees one shape); with
+a `tokenize` (a text encoder's), the captions' ``text_ids`` and ``text_mask``, tokenized in
+the loader's workers.
+Tensors are pinned with `pin_memory`, so the trainer copies them with non_blocking.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ def unpack_bits(packed: np.ndarray, latent_shape: tuple[int, int, int]) -> np.nd
     """(B, nbytes) uint8 -> (B, h*w, C) uint8 0/1: one vectorised call for the batch."""
     h, w, c = latent_shape
     return np.unpackbits(packed, axis=1, count=h * w * c).reshape(packed.shape[0], h * w, c)
+
+
+def unpack_bits_tensor(packed: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    """`unpack_bits` on packed's device: (B, nbytes) uint8 -> (B, h*w, C) uint8 0/1."""
+    h, w, c = latent_shape
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)  # most significant bit first
+    bits = (packed[:, :, None] >> shifts) & 1  # (B, nbytes, 8)
+    return bits.reshape(packed.shape[0], -1)[:, : h * w * c].reshape(packed.shape[0], h * w, c)
 
 
 def packed_size(latent_shape) -> int:
@@ -162,12 +175,17 @@ class LatentItem(NamedTuple):
 
 class LatentDecoder(Decoder):
     """Latent samples of the data set's grids of C bits; the stream batches them by grid
-    (`bucket`). `emb_width` is D of the stored text embeddings (None: not read)."""
+    (`bucket`). `emb_width` is D of the stored text embeddings (None: not read); `text_length` pads
+    them to that many tokens (0: to the batch's longest); `tokenize` (a text encoder's Tokenizer)
+    adds the captions' ids."""
 
-    def __init__(self, latent_shape, grids: set[tuple[int, int]], emb_width: int | None):
+    def __init__(self, latent_shape, grids: set[tuple[int, int]], emb_width: int | None, text_length: int = 0,
+                 tokenize=None):
         self.latent_shape = tuple(latent_shape)
         self.grids = grids
         self.emb_width = emb_width
+        self.text_length = text_length  # 0: pad text to the batch's longest caption
+        self.tokenize = tokenize  # models.text_encoders.Tokenizer, or None
 
     def sample(self, raw: RawSample) -> LatentItem:
         m = raw.members
@@ -188,23 +206,32 @@ class LatentDecoder(Decoder):
         grid = columns.grid[0]  # one grid per batch (the stream's buckets)
         # The batch crosses the worker -> trainer process boundary as numpy arrays, pickled by
         # value: packed bits are 8x fewer bytes than unpacked, and a 0.5 MiB copy is cheaper
-        # than a shared-memory segment per tensor. `finish` unpacks and makes tensors.
+        # than a shared-memory segment per tensor. `finish` makes tensors; the bits stay packed
+        # until they are on the trainer's device (`unpack_bits_tensor`).
         packed = np.frombuffer(bytearray().join(columns.bits), np.uint8).reshape(len(items), -1)
-        batch = {"bits": packed, "grid": grid, "caption": list(columns.caption), "key": list(columns.key),
+        batch = {"packed": packed, "grid": grid, "caption": list(columns.caption), "key": list(columns.key),
                  "label": np.array(columns.label, np.int64), "json": list(columns.meta)}
         if self.emb_width is not None:
             embs = columns.emb
             n = max(e.shape[0] for e in embs)
+            if self.text_length:
+                if n > self.text_length:
+                    key = columns.key[[e.shape[0] for e in embs].index(n)]
+                    raise ValueError(f"sample {key} has {n} text tokens, more than text_encoder.max_length "
+                                     f"{self.text_length} that a compiled step pads to: set it to the encoder's")
+                n = self.text_length
             emb = np.zeros((len(embs), n, embs[0].shape[1]), np.float16)
             mask = np.zeros((len(embs), n), bool)
             for i, e in enumerate(embs):
                 emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, True
             batch.update(emb=emb, emb_mask=mask)
+        if self.tokenize is not None:
+            tokens = self.tokenize(batch["caption"])
+            batch.update(text_ids=tokens["ids"], text_mask=tokens["mask"])
         return batch
 
     def finish(self, batch: dict) -> dict:
-        batch["bits"] = unpack_bits(batch["bits"], (*batch["grid"], self.latent_shape[2]))
-        for name in ("bits", "label", "emb", "emb_mask"):
+        for name in ("packed", "label", "emb", "emb_mask", "text_ids", "text_mask"):
             if name in batch:
                 batch[name] = torch.from_numpy(batch[name])
         return batch
@@ -217,9 +244,12 @@ def null_embedding(folder: str) -> torch.Tensor:
 
 def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape, rank: int | None = None,
                   world_size: int | None = None, finite: bool = False,
-                  legacy_fingerprints: tuple[str, ...] = ()) -> ShardLoader:
+                  legacy_fingerprints: tuple[str, ...] = (), text_length: int = 0, pin_memory: bool = False,
+                  tokenize=None) -> ShardLoader:
     """The resumable latent loader of this rank. `fingerprint`, `legacy_fingerprints` and
-    `latent_shape` are the recipe's autoencoder's; shards encoded by another are refused."""
+    `latent_shape` are the recipe's autoencoder's; shards encoded by another are refused.
+    `text_length`: pad the embeddings to it (0: to each batch's longest); `pin_memory`: batches
+    in page-locked memory; `tokenize`: a text encoder's, run on each batch's captions in the workers."""
     rank, world_size = rank_and_world(rank, world_size)
     if not cfg.shards:
         raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
@@ -227,6 +257,6 @@ def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape,
     emb_width = None
     if cfg.use_embeddings:  # D of the data set's embeddings: its null embedding's
         emb_width = int(null_embedding(posixpath.dirname(expand_urls(cfg.shards)[0])).shape[1])
-    decoder = LatentDecoder(latent_shape, manifest_grids(manifests, latent_shape), emb_width)
+    decoder = LatentDecoder(latent_shape, manifest_grids(manifests, latent_shape), emb_width, text_length, tokenize)
     dataset = ShardDataset(cfg.shards, decoder, cfg, seed, rank, world_size, finite)
-    return ShardLoader(dataset, cfg.num_workers)
+    return ShardLoader(dataset, cfg.num_workers, pin_memory)

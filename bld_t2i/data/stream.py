@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bld_t2i.data.plan import (
@@ -300,9 +301,10 @@ def _as_is(batch: dict) -> dict:
 class ShardLoader:
     """Infinite (or one-epoch) batches for this rank, with `state_dict` for exact or elastic resume."""
 
-    def __init__(self, dataset: ShardDataset, num_workers: int):
+    def __init__(self, dataset: ShardDataset, num_workers: int, pin_memory: bool = False):
         self.dataset = dataset
         self.num_workers = num_workers
+        self.pin_memory = pin_memory  # the batch's tensors page-locked: the trainer copies them with non_blocking
         self._iter = None
         self._positions: dict[str, dict] = {}
         self._failed: list[tuple[str, str]] = []  # storage failures of this rank's workers in this run
@@ -323,7 +325,10 @@ class ShardLoader:
         self._failed += [tuple(f) for f in at.pop("failed")]
         self._positions[worker] = at
         self._batches += 1
-        return self.dataset.decoder.finish(batch)
+        batch = self.dataset.decoder.finish(batch)
+        if self.pin_memory:  # here, not DataLoader(pin_memory): the workers send numpy arrays (see collate)
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def close(self) -> None:
         """Stop the loader workers now (dropping the DataLoader iterator joins them)."""

@@ -48,18 +48,21 @@ def check_guidance_interval(interval: Sequence[float]) -> tuple[float, float]:
 
 
 def guided_logits(model_fn: ModelFn, z_t: torch.Tensor, t_in: torch.Tensor, cond: Any, both: Any, tau: float,
-                  w: float) -> torch.Tensor:
+                  w: float, one_shape: bool = False) -> torch.Tensor:
     """Flip logits with temperature and classifier-free guidance (poster):
     sigmoid((1 + w) T(z_t, t, c) / tau - w T(z_t, t) / tau).
 
     `both` is the condition and its null stacked on the batch (`_cat_cond`), built once per
     sampling call. w == 0 or both None runs the conditional branch alone, so it is exactly
-    the conditional prediction.
+    the conditional prediction; with `one_shape` a guided call (both given) runs both branches
+    at w == 0 too and keeps the conditional one, so that a compiled model sees one batch shape.
     """
-    if w == 0 or both is None:
+    if both is None or (w == 0 and not one_shape):
         return model_fn(z_t, t_in, cond) / tau
     out = model_fn(torch.cat([z_t, z_t], 0), torch.cat([t_in, t_in], 0), both)
     l_c, l_u = out.chunk(2, 0)
+    if w == 0:
+        return l_c / tau
     return ((1 + w) * l_c - w * l_u) / tau
 
 
@@ -139,6 +142,7 @@ def sample(
     generator: Generators = None,
     device: torch.device | str = "cpu",
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    one_shape: bool = False,
 ) -> torch.Tensor:
     """Sample z_0 of `shape` (B, L, C) with S = `steps` evenly spaced steps of T = len(a) - 1.
 
@@ -150,7 +154,9 @@ def sample(
     known and kept. After every step "clamp" sets z = m z_known + (1 - m) z; "renoise" keeps
     the known bits noised to the current time, z = m q(z_s | z_known) + (1 - m) z.
     `generator`: one for the batch, or a sequence of B, one per row (see the module note).
-    `callback(i, t, z)` is called after each step. Returns float 0/1 latents.
+    `callback(i, t, z)` is called after each step. `one_shape`: a guided call runs the guided
+    forward (2B rows) at the steps outside the interval too (`guided_logits`), the same logits
+    at twice the work there: a compiled model then sees one shape. Returns float 0/1 latents.
     """
     _check(temperature, known, mask, inpaint)
     lo, hi = check_guidance_interval(guidance_interval)
@@ -172,7 +178,7 @@ def sample(
     for i, t in enumerate(times):
         t_in = torch.full((B,), t / T, device=device)
         w = guidance if lo <= t / T <= hi else 0.0
-        logits = guided_logits(model_fn, z, t_in, cond, both, temperature, w).float()
+        logits = guided_logits(model_fn, z, t_in, cond, both, temperature, w, one_shape).float()
         s = nxt[i]
         if s == 0:
             z = (z0_prob_from_flip_logits(z, logits) > 0.5).float()  # final threshold

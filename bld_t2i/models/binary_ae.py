@@ -3,7 +3,11 @@
 A VQGAN-family convolutional encoder maps an image to per-bit probabilities
 `p = sigmoid(logits)` on an (h, w) grid with C bits per position. Training samples the
 bits `b ~ B(p)` with the straight-through gradient `b_st = b + p - stopgrad(p)`; encoding
-a data set uses the deterministic code `b = 1[p > 0.5]` (the authors' extraction samples). The
+a data set uses the deterministic code `b = 1[logits > 0]` = `1[p > 0.5]` (the authors'
+extraction samples). Logits, p and the uniforms u are float32 under any autocast: a bf16
+sigmoid rounds every logit in (0, 0.0078] to p = 0.5 exactly, so `p > 0.5` flipped 1.1% of
+a tiny autoencoder's bits, all towards 0. The stored code is computed in float32 throughout
+(`encode` ignores autocast): a bf16 encoder body still flipped 0.5% of them. The
 decoder maps the bits through a bias-free linear layer to its embedding width and
 mirrors the encoder with nearest-neighbour upsampling.
 
@@ -37,7 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_SHA_FILE = "fingerprint"  # sha256 of model.safetensors (the file name predates `fingerprint`'s meaning)
 # The rule that turns the encoder's output into the stored code: part of the fingerprint, so a
 # change of rule (not only of weights) invalidates latents encoded by the old one.
-CODE_RULE = "bld-code-1: b = 1[sigmoid(to_logits(encoder(x))) > 0.5], (B, h, w, C)"
+CODE_RULE = "bld-code-2: b = 1[to_logits(encoder(x)) > 0] in float32, (B, h, w, C)"
 ENCODER_PREFIXES = ("encoder.", "to_logits.")  # the tensors that determine the code
 
 
@@ -152,10 +156,15 @@ class BinaryAutoencoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % f or images.shape[3] % f:
             raise ValueError(f"images must be (B, 3, H, W) with H, W divisible by {f}; got {tuple(images.shape)}")
 
-    def bit_probs(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> p = sigmoid(logits), (B, C, H/f, W/f)."""
+    def bit_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> logits (B, C, H/f, W/f) float32 (the convolutions run in
+        an enclosing autocast's dtype; the sigmoid and the threshold after them do not)."""
         self._check_images(images)
-        return torch.sigmoid(self.to_logits(self.encoder(images)))
+        return self.to_logits(self.encoder(images)).float()
+
+    def bit_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> p = sigmoid(logits) float32, (B, C, H/f, W/f)."""
+        return torch.sigmoid(self.bit_logits(images))
 
     def decode_channels_first(self, bits: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) 0/1 (float, may carry gradients) -> (B, 3, H, W)."""
@@ -167,19 +176,24 @@ class BinaryAutoencoder(nn.Module):
     ) -> AEOutput:
         """Training pass: b ~ B(p) (or b = 1[p > 0.5] when `deterministic`), b_st = b + p - stopgrad(p),
         then decode b_st."""
-        p = self.bit_probs(images)
+        p = self.bit_probs(images)  # float32
         if deterministic:
             b = (p > 0.5).to(p.dtype)
         else:
-            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
             b = (u < p).to(p.dtype)
         b_st = b + (p - p.detach())  # the value is exactly b; the gradient is that of p
         return AEOutput(recon=self.decode_channels_first(b_st), probs=p, bits=b_st)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Deterministic code 1[p > 0.5]: (B, 3, H, W) in [-1, 1] -> bool (B, h, w, C)."""
-        return (self.bit_probs(images) > 0.5).permute(0, 2, 3, 1).contiguous()
+        """Deterministic code 1[logits > 0]: (B, 3, H, W) in [-1, 1] -> bool (B, h, w, C).
+
+        Computed in the weights' dtype with any enclosing autocast off, so that a data set
+        encoded under bf16 autocast holds the float32 code bit for bit (module docstring)."""
+        with torch.autocast(images.device.type, enabled=False):
+            logits = self.bit_logits(images.to(self.to_logits.weight.dtype))
+        return (logits > 0).permute(0, 2, 3, 1).contiguous()
 
     @torch.no_grad()
     def decode(self, bits: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,9 @@ class Denoiser(nn.Module):
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
         """T_theta with the condition already prepared (`prepare_condition`) -> (B, h*w, C) flip logits."""
         B, L, C = z_t.shape  # (B, L, C) float 0/1, L = h*w
+        if t.dtype in (torch.float16, torch.bfloat16):
+            # bf16 keeps ~500 of the 1000 values of t/T at T = 1000: times would merge
+            raise TypeError(f"t must be float32 t/T, got {t.dtype}")
         h, w = self.grid_of(grid)
         if (L, C) != (h * w, self.latent_shape[2]):
             raise ValueError(f"z_t has shape {tuple(z_t.shape)}; this denoiser expects (B, {h * w}, "

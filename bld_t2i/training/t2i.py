@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bld_t2i import checkpoint as files
 from bld_t2i import distributed as D
 from bld_t2i.config import Config, save_config
-from bld_t2i.data.latents import latent_loader, null_embedding, read_manifest
+from bld_t2i.data.latents import latent_loader, null_embedding, read_manifest, unpack_bits_tensor
 from bld_t2i.data.shards import expand_urls
 from bld_t2i.diffusion import diffusion_loss, keep_factors
 from bld_t2i.models.binary_ae import BinaryAutoencoder
@@ -108,13 +108,21 @@ class T2ITask:
 
     def build(self, cfg: Config, device: torch.device, grad_accum: int, resume_world: int | None) -> Parts:
         info = D.dist_info()
+        if cfg.train.compile and cfg.train.zero_stage == 3:
+            raise ValueError("train.compile needs train.zero_stage 0, 1 or 2: under ZeRO-3 the compiled forward "
+                             "would trace DeepSpeed's parameter-gathering hooks; set train.compile false for ZeRO-3")
         expected = expected_latents(cfg)
         latent_shape = expected.latent_shape
-        loader = latent_loader(cfg.latents, cfg.run.seed, expected.fingerprint, latent_shape, info.rank,
-                               info.world_size, legacy_fingerprints=expected.legacy_fingerprints)
+        # compiled: stored text embeddings padded to max_length, so that every batch has one shape
+        text_length = cfg.text_encoder.max_length if cfg.train.compile else 0
         text_encoder = None
         if cfg.denoiser.conditioning in TEXT_MODES and not cfg.latents.use_embeddings:
             text_encoder = build_text_encoder(cfg.text_encoder, device)
+        # captions tokenized in the loader's workers, batches pinned for copies that don't wait
+        tokenize = text_encoder.tokenize if text_encoder is not None else None
+        loader = latent_loader(cfg.latents, cfg.run.seed, expected.fingerprint, latent_shape, info.rank,
+                               info.world_size, legacy_fingerprints=expected.legacy_fingerprints,
+                               text_length=text_length, pin_memory=device.type == "cuda", tokenize=tokenize)
         null_emb = None
         if cfg.latents.use_embeddings:
             null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
@@ -125,18 +133,19 @@ class T2ITask:
                  f"latents {latent_shape}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
         if resume_world is None and cfg.init.from_:  # a fresh start from another run's weights
             load_initial_weights(model, cfg.init, "denoiser", grid=latent_shape[:2])
+        n_params = sum(p.numel() for p in model.parameters())
         if cfg.train.compile:
             model.compile()
         optimizer = optimizer_for(model, cfg)
         elastic = resume_world is not None and resume_world != info.world_size
         engine = D.build_engine(model, optimizer, D.deepspeed_config(
-            cfg.train.zero_stage, cfg.latents.batch_size, grad_accum, cfg.optim.grad_clip, cfg.train.precision,
-            load_universal=elastic))
+            cfg.train, cfg.latents.batch_size, grad_accum, cfg.optim.grad_clip, n_params, load_universal=elastic))
         self.attach(cfg, device, engine, null_condition_text(text_encoder, null_emb, device), text_encoder)
         self.ema = EMA(engine.module)
         self.heldout, self.val_model = None, None
         if cfg.val.shards:
-            self.heldout = read_heldout_latents(cfg, expected.fingerprint, latent_shape, expected.legacy_fingerprints)
+            self.heldout = read_heldout_latents(cfg, expected.fingerprint, latent_shape, expected.legacy_fingerprints,
+                                                tokenize)
         return Parts(loader=loader, ema=self.ema, optimizers=[(optimizer, 1.0)],
                      checkpointer=Checkpointer(cfg.run.out_dir, cfg.train.keep_checkpoints, engine=engine,
                                                universal=elastic),
@@ -166,25 +175,29 @@ class T2ITask:
         if mode == "none":
             return None
         if mode == "class":
-            return {"label": batch["label"].to(device)}
-        if self.cfg.latents.use_embeddings:
-            return condition_from_embeddings(batch["emb"].to(device), batch["emb_mask"].to(device))
-        return self.text_encoder.encode(batch["caption"])
+            return {"label": batch["label"].to(device, non_blocking=True)}
+        if self.cfg.latents.use_embeddings:  # pinned by the loader on CUDA: the copies don't wait
+            return condition_from_embeddings(batch["emb"].to(device, non_blocking=True),
+                                             batch["emb_mask"].to(device, non_blocking=True))
+        return self.text_encoder.encode_tokens(batch["text_ids"], batch["text_mask"])  # tokenized by the loader
 
     def model_fn(self, z_t: torch.Tensor, t_in: torch.Tensor, cond: dict | None,
                  grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """The engine's denoiser on (B, h*w, C) latents of `grid` (None: the training grid)."""
+        """The engine's denoiser on (B, h*w, C) latents of `grid` (None: the training grid).
+        t/T stays float32, as the sampler passes it: in bf16 only ~500 of T = 1000 values survive."""
         if cond is not None:
             cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
         kwargs = {} if grid is None else {"grid": tuple(grid)}
-        return self.engine(z_t.to(self.dtype), t_in.to(self.dtype), cond, **kwargs).float()
+        return self.engine(z_t.to(self.dtype), t_in.float(), cond, **kwargs).float()
 
     def train_step(self, parts: Parts, batch: dict, g: torch.Generator, samples: int, boundary: bool, guard):
         cfg = self.cfg
-        z_0 = batch["bits"].to(self.device).float()  # (B, h*w, C)
         # One grid per batch (aspect-ratio buckets); ranks may hold different grids in one step:
         # each rank's forward is its own, and only gradients of the same parameters are reduced.
         grid = batch.get("grid")
+        h, w = grid if grid is not None else self.engine.module.latent_shape[:2]
+        packed = batch["packed"].to(self.device, non_blocking=True)  # (B, nbytes), pinned by the loader on CUDA
+        z_0 = unpack_bits_tensor(packed, (h, w, self.engine.module.latent_shape[2])).float()  # (B, h*w, C)
         null = self.engine.module.null_condition(z_0.shape[0], self.device, self.null_text)
         cond, _ = drop_condition(self.condition(batch), null, cfg.denoiser.cond_drop_prob, g)
         model_fn = self.model_fn if grid is None else partial(self.model_fn, grid=grid)
@@ -192,10 +205,12 @@ class T2ITask:
                                              g, cfg.diffusion.t_power)
         self.engine.backward(loss)
         self.engine.step()  # an optimizer step at the accumulation boundary only
+        # [sum, count] of the loss per quarter of t/T, made on the device: torch.bincount would
+        # read its input's range back to the host at every step
         bucket = ((t - 1) * TIME_BUCKETS // cfg.diffusion.T).clamp(max=TIME_BUCKETS - 1)
-        sums = torch.zeros(TIME_BUCKETS, device=self.device).index_add_(0, bucket, per_sample.detach().float())
-        counts = torch.bincount(bucket, minlength=TIME_BUCKETS).float()
-        stats = {"loss": loss.detach(), **{f"loss_t{i}": torch.stack([sums[i], counts[i]]) for i in range(TIME_BUCKETS)}}
+        per_bucket = torch.zeros(TIME_BUCKETS, 2, device=self.device).index_add_(
+            0, bucket, torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1))
+        stats = {"loss": loss.detach(), **{f"loss_t{i}": per_bucket[i] for i in range(TIME_BUCKETS)}}
         return stats, (not boundary) or self.engine.was_step_applied()
 
     def validate(self) -> dict:

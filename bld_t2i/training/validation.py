@@ -33,7 +33,7 @@ import torch
 from bld_t2i import distributed as D
 from bld_t2i.config import Config
 from bld_t2i.data.images import image_loader
-from bld_t2i.data.latents import latent_loader
+from bld_t2i.data.latents import latent_loader, unpack_bits_tensor
 from bld_t2i.diffusion import flip_loss
 from bld_t2i.diffusion.bernoulli import flip_prob
 from bld_t2i.models.ae_losses import psnr, ssim
@@ -97,18 +97,23 @@ def _batches(share: list[dict], batch_size: int) -> Iterator[list[dict]]:
 # ----------------------------------------------------------------------------- the denoiser
 
 
-def read_heldout_latents(cfg: Config, fingerprint: str, latent_shape, legacy: tuple[str, ...]) -> Share:
-    """This rank's share of the held-out latents (checked against the autoencoder as training's)."""
+def read_heldout_latents(cfg: Config, fingerprint: str, latent_shape, legacy: tuple[str, ...],
+                         tokenize=None) -> Share:
+    """This rank's share of the held-out latents (checked against the autoencoder as training's),
+    with the captions' token ids where the trainer encodes text (`tokenize`, its text encoder's)."""
     view = dataclasses.replace(cfg.latents, shards=cfg.val.shards, shuffle_window=1, num_workers=0, resampled=False)
     loader = latent_loader(view, cfg.run.seed, fingerprint, latent_shape, rank=0, world_size=1, finite=True,
-                           legacy_fingerprints=legacy)
+                           legacy_fingerprints=legacy, tokenize=tokenize)
     return _share(_unbatch(iter(loader), cfg.val.max_samples))
 
 
 def _collate_latents(samples: list[dict]) -> dict:
-    batch = {"bits": torch.stack([s["bits"] for s in samples]), "grid": samples[0]["grid"],
+    batch = {"packed": torch.stack([s["packed"] for s in samples]), "grid": samples[0]["grid"],
              "key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
              "label": torch.stack([s["label"] for s in samples])}
+    if "text_ids" in samples[0]:
+        batch.update(text_ids=torch.stack([s["text_ids"] for s in samples]),
+                     text_mask=torch.stack([s["text_mask"] for s in samples]))
     if "emb" in samples[0]:
         embs = [s["emb"][s["emb_mask"]] for s in samples]  # each caption's real tokens
         n = max(e.shape[0] for e in embs)
@@ -129,7 +134,8 @@ def denoiser_val_loss(model: torch.nn.Module, share: Share, condition: Callable[
     model.eval()
     for samples in _batches(share.samples, cfg.latents.batch_size):
         batch = _collate_latents(samples)
-        z_0 = batch["bits"].to(device).float()  # (B, h*w, C)
+        shape = (*batch["grid"], model.latent_shape[2])
+        z_0 = unpack_bits_tensor(batch["packed"].to(device), shape).float()  # (B, h*w, C)
         cond = condition(batch)
         for i, t in enumerate(times):
             z_t = keyed_z_t(z_0, float(a[t]), batch["key"], cfg.run.seed, t)
