@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -143,6 +144,46 @@ def teardown() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+MAIN_WORK_POLL_S = 0.5  # how often waiting ranks look whether rank 0's long work is done
+_main_work_calls = 0  # every rank calls main_work in the same order: the n-th call has key n
+
+
+def main_work(work: Callable[[], None], what: str) -> None:
+    """Rank 0 runs `work` (a conversion, a cold cache) while the other ranks wait for it
+    without a collective: a barrier would time out after train.collective_timeout_s and kill
+    the job before the work is written, so that every retry starts it over. The waiting ranks
+    poll the process group's key-value store (no timeout; a rank 0 that dies ends the job
+    through the launcher). An error in `work` reaches every rank."""
+    global _main_work_calls
+    _main_work_calls += 1
+    info = dist_info()
+    if not (dist.is_available() and dist.is_initialized()) or info.world_size == 1:
+        if info.is_main:  # no process group: the other ranks have nothing to wait on
+            work()
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"bld_t2i/main_work/{_main_work_calls}"
+    if info.is_main:
+        try:
+            work()
+        except BaseException as e:
+            store.set(key, f"failed: {type(e).__name__}: {e}")
+            # the store may live in this process (env:// rendezvous): wait (a while) until every
+            # rank has read the failure before raising ends it
+            deadline = time.monotonic() + 60
+            while store.add(f"{key}/read", 0) < info.world_size - 1 and time.monotonic() < deadline:
+                time.sleep(MAIN_WORK_POLL_S)
+            raise
+        store.set(key, "done")
+        return
+    while not store.check([key]):
+        time.sleep(MAIN_WORK_POLL_S)
+    outcome = store.get(key).decode()
+    store.add(f"{key}/read", 1)
+    if outcome != "done":
+        raise RuntimeError(f"rank 0 failed while the other ranks waited for it ({what}): {outcome[8:]}")
 
 
 def print0(*args, **kwargs) -> None:

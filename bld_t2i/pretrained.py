@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import bld_t2i
@@ -198,13 +198,20 @@ def _text_encoder(cfg: Config, where: Path, device: torch.device, text_dim: int 
 
 
 def _denoiser(cfg: Config, latent_shape: tuple[int, int, int], text_dim: int, weights_path: Path) -> Denoiser:
+    """The denoiser of a folder, its config checked against the weights file's header (shapes
+    only, on the meta device) before anything is allocated: a config that does not fit its
+    weights (a hand edit, a hostile folder asking for a huge model) is an error naming them."""
     if not weights_path.is_file():
         raise FileNotFoundError(f"exported model is missing {weights_path}")
-    denoiser = Denoiser(cfg.denoiser, latent_shape, text_dim)
     try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        with torch.device("meta"):
+            shapes = Denoiser(cfg.denoiser, latent_shape, text_dim)
+        check_state_dict(shapes, header, weights_path)
+        denoiser = Denoiser(cfg.denoiser, latent_shape, text_dim)
         state = load_file(str(weights_path))
     except SafetensorError as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
-    check_state_dict(denoiser, state, weights_path)
     denoiser.load_state_dict(state, strict=True)
     return denoiser

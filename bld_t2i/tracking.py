@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
 from .config import Config, LogConfig, to_dict
+
+log = logging.getLogger("bld_t2i.tracking")
 
 
 def start_wandb(log_cfg: LogConfig, name: str, run_id: str | None, out_dir: str | Path, config: dict, group: str = "",
@@ -42,11 +45,23 @@ class StatsLogger:
         self.wandb = start_wandb(log_cfg, cfg.run.name, run_id, out_dir, to_dict(cfg)) if log_cfg.wandb else None
 
     def _trim(self, samples: int) -> None:
+        """Keep the lines up to the checkpoint's sample count; a line that is not a JSON object
+        (torn by a full disk or a node crash mid-write) is dropped with a warning."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines()
-                 if line and json.loads(line).get("samples", 0) <= samples]
-        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+        kept = []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line else None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                if line:
+                    log.warning("%s line %d is not a JSON record (a write cut short?): dropped", self.path, n)
+                continue
+            if record.get("samples", 0) <= samples:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, stats: dict, step: int) -> None:
         record = {"time": time.time(), **stats}

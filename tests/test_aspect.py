@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bld_t2i.config import AutoencoderConfig, LatentsConfig, load_config
+from bld_t2i.config import AutoencoderConfig, LatentsConfig, StreamConfig, load_config
 from bld_t2i.data.images import fit, images_to_tensor, nearest_bucket, parse_buckets
 from bld_t2i.data.latents import VERSION, latent_loader, unpack_bits_tensor
 from bld_t2i.data.plan import describe_resume
@@ -92,9 +92,10 @@ def test_latent_shards_record_each_samples_grid(aspect_data):
     sources = {}
     for url in expand_urls(images):
         with open_shard(url) as f:
-            sources.update({raw.key: raw.members["png"] for raw in iter_samples(f, url)})
+            samples = iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes)
+            sources.update({raw.key: raw.members["png"] for raw in samples})
     with open_shard(expand_urls(latents)[0]) as f:
-        samples = list(iter_samples(f, "latents-000000.tar"))
+        samples = list(iter_samples(f, "latents-000000.tar", max_member_bytes=StreamConfig.max_member_bytes))
     for raw in samples:
         h, w = json.loads(raw.members["grid"])
         img = Image.open(io.BytesIO(sources[raw.key])).convert("RGB")

@@ -11,7 +11,7 @@ import torch
 from test_bf16 import _class_pipeline
 from torch._dynamo.testing import CompileCounter
 
-from bld_t2i.data.latents import LatentDecoder
+from bld_t2i.data.latents import LatentDecoder, LatentItem
 from bld_t2i.pipeline import BLDPipeline
 
 
@@ -57,16 +57,16 @@ def test_eager_sampling_runs_the_unguided_steps_on_half_the_rows(monkeypatch):
     assert len(rows) == 4 and set(rows) == {3, 6}
 
 
-def _item(key: str, n_tokens: int) -> list:
+def _item(key: str, n_tokens: int) -> LatentItem:
     """A decoded latent sample as LatentDecoder.sample gives it, with `n_tokens` text tokens."""
     emb = np.ones((n_tokens, 4), np.float16)
-    return [bytes(2), "caption", key, -1, {}, (2, 2), emb]
+    return LatentItem(bytes(2), "caption", key, -1, {}, (2, 2), emb)
 
 
 def test_compiled_training_pads_stored_text_to_max_length():
     items = [_item("a", 3), _item("b", 5)]
-    assert LatentDecoder((2, 2, 4), True).collate(items)["emb"].shape == (2, 5, 4)  # the batch's longest
-    batch = LatentDecoder((2, 2, 4), True, text_length=8).collate(items)
+    assert LatentDecoder((2, 2, 4), {(2, 2)}, 4).collate(items)["emb"].shape == (2, 5, 4)  # the batch's longest
+    batch = LatentDecoder((2, 2, 4), {(2, 2)}, 4, text_length=8).collate(items)
     assert batch["emb"].shape == (2, 8, 4) and batch["emb_mask"].sum(1).tolist() == [3, 5]
     with pytest.raises(ValueError, match="sample b has 5 text tokens, more than text_encoder.max_length 4"):
-        LatentDecoder((2, 2, 4), True, text_length=4).collate(items)
+        LatentDecoder((2, 2, 4), {(2, 2)}, 4, text_length=4).collate(items)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bld_t2i.config import AutoencoderConfig, LatentsConfig, TextEncoderConfig
+from bld_t2i.config import AutoencoderConfig, LatentsConfig, StreamConfig, TextEncoderConfig
 from bld_t2i.data.images import ImageDecoder, images_to_tensor
 from bld_t2i.data.latents import latent_loader, pack_bits, unpack_bits, unpack_bits_tensor
 from bld_t2i.data.shards import ShardError, TarShardWriter, expand_urls, iter_samples, open_shard
@@ -64,7 +64,7 @@ def reference_codes(ae, spec: str, batch_size: int) -> dict[str, np.ndarray]:
         items = []
         with open_shard(url) as f:
             try:
-                for raw in iter_samples(f, url):
+                for raw in iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes):
                     try:
                         items.append(decoder.sample(raw))
                     except SkipSample:
@@ -88,7 +88,7 @@ def test_encode_load_unpack_equals_autoencoder(tmp_path, tiny_ae, write_image_sh
         for key in ("tail0", "tail1"):  # the tar is cut inside tail1: tail0 survives
             w.write({"__key__": key, "png": png_bytes(40), "txt": f"caption {key}".encode(), "json": b'{"label": 0}'})
     with open(tmp_path / "img" / "img-000002.tar", "rb") as f:
-        cut = list(iter_samples(f, "img-000002.tar"))[-1].offset + 600
+        cut = list(iter_samples(f, "img-000002.tar", max_member_bytes=StreamConfig.max_member_bytes))[-1].offset + 600
     os.truncate(tmp_path / "img" / "img-000002.tar", cut)
     spec = str(tmp_path / "img" / "img-{000000..000002}.tar")
     recipe = tmp_path / "te.yaml"
@@ -162,7 +162,7 @@ def test_latents_of_another_autoencoder_are_refused(tmp_path, tiny_ae, write_ima
 
 def test_version_1_shards_without_grids_load_as_the_manifests_square(tmp_path):
     """Shards encoded before aspect-ratio buckets have no {key}.grid: their grid is the
-    manifest's; a sample whose grid does not match its bits, or is not [h, w], is skipped."""
+    manifest's; a sample whose grid is not the manifest's, or is not [h, w], is skipped."""
     from bld_t2i.checkpoint import atomic_write_bytes
     from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST
 
@@ -183,4 +183,4 @@ def test_version_1_shards_without_grids_load_as_the_manifests_square(tmp_path):
     assert batch["grid"] == (2, 3) and sorted(batch["key"]) == [f"k{i}" for i in range(4)]
     order = [int(k[1]) for k in batch["key"]]
     assert np.array_equal(unpack_bits_tensor(batch["packed"], (2, 3, 8)).numpy(), bits.reshape(4, 6, 8)[order])
-    assert loader.skipped() == {"corrupt_bits": 1, "corrupt_grid": 1}
+    assert loader.skipped() == {"unknown_grid": 1, "corrupt_grid": 1}

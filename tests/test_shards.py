@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bld_t2i.config import DataConfig
+from bld_t2i.config import DataConfig, StreamConfig
 from bld_t2i.data.images import image_loader
 from bld_t2i.data.plan import epoch_shards
 from bld_t2i.data.shards import TarShardWriter, expand_urls, iter_samples
@@ -45,13 +45,14 @@ def test_tar_reader_offsets_match_tarfile():
 
     path = f"{ASSETS}/tiny-000000.tar"
     with open(path, "rb") as f:
-        samples = list(iter_samples(f, path))
+        samples = list(iter_samples(f, path, max_member_bytes=StreamConfig.max_member_bytes))
     with tarfile.open(path) as t:
         members = t.getmembers()
     assert [s.offset for s in samples] == [m.offset for m in members[::3]]
     assert samples[1].members["txt"] == b"a blue circle"
     with open(path, "rb") as f:  # a seek to a sample's offset starts there
-        assert [s.key for s in iter_samples(f, path, samples[1].offset)] == ["000000001", "000000002"]
+        rest = iter_samples(f, path, samples[1].offset, max_member_bytes=StreamConfig.max_member_bytes)
+        assert [s.key for s in rest] == ["000000001", "000000002"]
 
 
 def test_split_covers_every_sample_once_per_epoch(tmp_path, write_image_shards):
@@ -80,14 +81,17 @@ def test_resume_is_exact_and_does_not_reread(tmp_path, write_image_shards):
     assert head == straight[: len(head)]
 
     # Garble every byte a resumed reader has no business reading: the shards each worker
-    # finished and, in its current shard, everything before its window's offset.
+    # finished and, in its current shard, everything before its window's offset (its mtime kept:
+    # a shard whose size or mtime changed is refused, test_resume_damage.py).
     urls = expand_urls(spec)
     for worker, at in state["workers"].items():
         shards = epoch_shards(urls, 5, at["epoch"], int(worker), 2, False)
         for done in shards[: at["shard"]]:
             os.truncate(done, 0)
+        stat = os.stat(shards[at["shard"]])
         with open(shards[at["shard"]], "r+b") as f:
             f.write(b"\xff" * at["offset"])
+        os.utime(shards[at["shard"]], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     resumed = image_loader(cfg, seed=5)
     resumed.load_state_dict([state])
@@ -135,7 +139,7 @@ def test_bad_inputs_are_skipped_counted_or_repaired(tmp_path, caplog):
         for key in ("cut0", "cut1", "cut2"):
             w.write({"__key__": key, "jpg": good_jpeg, "txt": key.encode()})
     with open(tmp_path / "bad-000001.tar", "rb") as f:
-        third = list(iter_samples(f, "bad-000001.tar"))[2].offset
+        third = list(iter_samples(f, "bad-000001.tar", max_member_bytes=StreamConfig.max_member_bytes))[2].offset
     os.truncate(tmp_path / "bad-000001.tar", third + 512 + 100)
 
     (tmp_path / "bad-000002.tar").write_bytes(b"")  # a zero-byte shard

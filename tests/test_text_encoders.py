@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bld_t2i.config import DenoiserConfig, TextEncoderConfig
-from bld_t2i.data.latents import LatentDecoder
+from bld_t2i.data.latents import LatentDecoder, LatentItem
 from bld_t2i.models.conditioning import drop_condition
 from bld_t2i.models.denoiser import Denoiser
 from bld_t2i.models.text_encoders import build_text_encoder, condition_from_embeddings, minilm_folder
@@ -132,8 +132,8 @@ def test_the_loader_workers_tokenize_and_the_trainer_encodes_the_ids(kind, name)
     enc = build_text_encoder(TextEncoderConfig(kind=kind, name=name, random_init=True, max_length=8), "cpu")
     captions = ["a red apple", "", "a much longer caption about a cat on a mat, in the sun"]
     tokenize = pickle.loads(pickle.dumps(enc.tokenize))
-    items = [[bytes(2), c, f"k{i}", -1, {}, (2, 2)] for i, c in enumerate(captions)]
-    decoder = LatentDecoder((2, 2, 4), False, tokenize=tokenize)
+    items = [LatentItem(bytes(2), c, f"k{i}", -1, {}, (2, 2), None) for i, c in enumerate(captions)]
+    decoder = LatentDecoder((2, 2, 4), {(2, 2)}, None, tokenize=tokenize)
     batch = decoder.finish(decoder.collate(items))
     assert batch["text_ids"].dtype == torch.int64 and batch["text_mask"].dtype == torch.bool
     got, want = enc.encode_tokens(batch["text_ids"], batch["text_mask"]), enc.encode(captions)

@@ -34,6 +34,15 @@ class StreamConfig(_Section):
     read_retries: int = 6
     retry_backoff_s: float = 1.0
     retry_max_backoff_s: float = 30.0
+    # A tar member larger than this is damage (a garbled or hostile header), never read: the
+    # shard's remainder is skipped as "oversized_member". Generous: web images are megabytes.
+    max_member_bytes: int = 1 << 30
+    # A loader worker stops the run with an error listing the reasons when more than this
+    # fraction of what it looked at (samples, and shards cut short) was skipped, judged once it
+    # has looked at skip_check_after of them: training must not go on silently on a fraction
+    # of its data. 1.0: never stop.
+    max_skip_fraction: float = 0.1
+    skip_check_after: int = 1000
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bld_t2i.checkpoint import atomic_write_bytes
+from bld_t2i.config import StreamConfig
 from bld_t2i.data.images import ImageDecoder, images_to_tensor
 from bld_t2i.data.latents import BIT_ORDER, FORMAT, MANIFEST, NULL_EMBEDDING, PARTS, VERSION, pack_bits, read_manifest
 from bld_t2i.data.shards import (
@@ -103,8 +104,10 @@ def encode_shard(url: str, out_url: str, encoder: Encoder, decoder: ImageDecoder
         waiting: dict[tuple, list] = {}  # (H, W) -> decoded samples of that size
         seen = 0
         try:
-            for seen, raw in enumerate(iter_samples(f, url), 1):  # noqa: B007 (seen: read after the loop)
+            for seen, raw in enumerate(iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes), 1):  # noqa: B007 (seen: read after the loop)
                 try:
+                    if raw.damage is not None:
+                        raise SkipSample(raw.damage)
                     item = decoder.sample(raw)
                 except SkipSample as e:
                     skipped[e.reason] += 1

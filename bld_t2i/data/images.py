@@ -8,7 +8,6 @@ list[str], ``key`` list[str], ``label`` LongTensor (B,) (-1 when the sample has 
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 
@@ -18,9 +17,12 @@ from PIL import Image, ImageOps
 
 from bld_t2i.config import DataConfig
 from bld_t2i.data.shards import RawSample
-from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
+from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, json_member, label_of, rank_and_world
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+# The decoders PIL may try on a member's bytes: the formats of IMAGE_EXTS. Without the list PIL
+# tries every plugin it has (EPS hands the bytes to Ghostscript, others parse rarely used formats).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 RESIZE_MODES = ("center_crop", "pad", "stretch")
 WHITE = (255, 255, 255)
 
@@ -100,19 +102,20 @@ def open_image(data: bytes, size: int, min_size: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if img.format == "JPEG" and min(img.size) > 2 * size:
                 img.draft("RGB", (size, size))  # DCT-domain downscale: decode at >= size only
             img.load()
             img = ImageOps.exif_transpose(img)
+            if min(img.size) < min_size:
+                raise SkipSample("tiny")
+            return to_rgb(img)
     except OSError as e:
         raise SkipSample("truncated_image" if "truncated" in str(e).lower() else "corrupt_image") from None
-    except (SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError, IndexError, TypeError):
+    except SkipSample:
+        raise
+    except Exception:  # noqa: BLE001 - PIL's plugins raise what their parsers meet (struct.error, ZeroDivisionError, ...)
         raise SkipSample("corrupt_image") from None
-    if min(img.size) < min_size:
-        raise SkipSample("tiny")
-    return to_rgb(img)
 
 
 def decode_image(data: bytes, size: int, resize: str, min_size: int) -> Image.Image:
@@ -135,13 +138,7 @@ def caption_and_meta(members: dict[str, bytes]) -> tuple[str, dict]:
     caption = members.get("txt", b"").decode("utf-8", "replace").strip()
     if not caption:
         raise SkipSample("missing_caption")
-    try:
-        meta = json.loads(members["json"]) if members.get("json") else {}
-    except ValueError:
-        raise SkipSample("corrupt_json") from None
-    if not isinstance(meta, dict):
-        raise SkipSample("corrupt_json")
-    return caption, meta
+    return caption, json_member(members.get("json"))
 
 
 def images_to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -170,8 +167,7 @@ class ImageDecoder(Decoder):
     def sample(self, raw: RawSample):
         caption, meta = caption_and_meta(raw.members)
         img = self.decode(image_member(raw.members))
-        label = meta.get("label")
-        return np.asarray(img, dtype=np.uint8), caption, raw.key, label if isinstance(label, int) else -1, meta
+        return np.asarray(img, dtype=np.uint8), caption, raw.key, label_of(meta), meta
 
     def collate(self, items: list) -> dict:
         """Images of one size (the loader's batches: no buckets); encoding batches by bucket itself."""

@@ -29,13 +29,14 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from bld_t2i.config import LatentsConfig
 from bld_t2i.data.shards import RawSample, expand_urls, join, read_bytes
-from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, rank_and_world
+from bld_t2i.data.stream import Decoder, ShardDataset, ShardLoader, SkipSample, json_member, label_of, rank_and_world
 
 FORMAT = "bld-latents"
 # 2: per-sample grids ({key}.grid) and the manifest's buckets and grid counts; 3: the
@@ -96,9 +97,10 @@ def encoded_by(manifest: dict, fingerprint: str, legacy_fingerprints: tuple[str,
     return manifest["autoencoder_fingerprint"] in legacy_fingerprints
 
 
-def check_manifests(spec: str, fingerprint: str, latent_shape, legacy_fingerprints: tuple[str, ...] = ()) -> dict:
+def check_manifests(spec: str, fingerprint: str, latent_shape, legacy_fingerprints: tuple[str, ...] = ()
+                    ) -> list[dict]:
     """Read the manifest of every folder the shard URLs live in and refuse a data set
-    encoded by another encoder (`encoded_by`); returns the first manifest."""
+    encoded by another encoder (`encoded_by`); returns the manifests."""
     folders = sorted({posixpath.dirname(u) for u in expand_urls(spec)})
     manifests = [read_manifest(f) for f in folders]
     for folder, m in zip(folders, manifests):
@@ -115,73 +117,106 @@ def check_manifests(spec: str, fingerprint: str, latent_shape, legacy_fingerprin
             )
         if m["bit_order"] != BIT_ORDER:
             raise ValueError(f"latents in {folder} use bit order {m['bit_order']!r}, expected {BIT_ORDER!r}")
-    return manifests[0]
+    return manifests
+
+
+def manifest_grids(manifests: list[dict], latent_shape) -> set[tuple[int, int]]:
+    """The latent grids (h, w) the data sets hold: their manifests' grid counts ("hxw"), the
+    latent shape's grid for a version 1 manifest (which has none)."""
+    grids = {tuple(latent_shape[:2])}
+    for m in manifests:
+        grids.update(tuple(int(n) for n in g.split("x")) for g in m.get("grids", {}))
+    return grids
 
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def grid_member(data: bytes | None, default: tuple[int, int]) -> tuple[int, int]:
-    """A sample's `{key}.grid` JSON [h, w] -> (h, w); `default` (the manifest's) when absent."""
+def grid_member(data: bytes | None, default: tuple[int, int], grids: set[tuple[int, int]]) -> tuple[int, int]:
+    """A sample's `{key}.grid` JSON [h, w] -> (h, w), one of the data set's `grids`; `default`
+    (the manifest's) when absent."""
     if data is None:
         return default
     try:
-        h, w = json.loads(data.decode())
-    except (ValueError, TypeError):
+        grid = json.loads(data)
+    except (ValueError, RecursionError):
         raise SkipSample("corrupt_grid") from None
-    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+    if not (isinstance(grid, list) and len(grid) == 2 and all(type(n) is int for n in grid)):
         raise SkipSample("corrupt_grid")
-    return h, w
+    if tuple(grid) not in grids:  # a grid the manifest does not list: damage, and a batch of its own
+        raise SkipSample("unknown_grid")
+    return grid[0], grid[1]
+
+
+def embedding_member(data: bytes | None, width: int) -> np.ndarray:
+    """A sample's `{key}.emb.npy`: (N, width) float16, 1 <= N; SkipSample otherwise (the batch
+    pads N, so a wrong width or rank would fail the whole batch, not one sample)."""
+    if data is None:
+        raise SkipSample("missing_embedding")
+    try:
+        emb = load_npy(data)
+    except (ValueError, EOFError, OSError, OverflowError, MemoryError):
+        raise SkipSample("corrupt_embedding") from None
+    if emb.dtype != np.float16 or emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] != width:
+        raise SkipSample("corrupt_embedding")
+    return emb
+
+
+class LatentItem(NamedTuple):
+    bits: bytes  # packed, packed_size((*grid, C)) bytes
+    caption: str
+    key: str
+    label: int
+    meta: dict
+    grid: tuple[int, int]
+    emb: np.ndarray | None  # (N, D) float16 with embeddings
 
 
 class LatentDecoder(Decoder):
-    """Latent samples of any grid of C bits; the stream batches them by grid (`bucket`)."""
+    """Latent samples of the data set's grids of C bits; the stream batches them by grid
+    (`bucket`). `emb_width` is D of the stored text embeddings (None: not read); `text_length` pads
+    them to that many tokens (0: to the batch's longest); `tokenize` (a text encoder's Tokenizer)
+    adds the captions' ids."""
 
-    def __init__(self, latent_shape, use_embeddings: bool, text_length: int = 0, tokenize=None):
+    def __init__(self, latent_shape, grids: set[tuple[int, int]], emb_width: int | None, text_length: int = 0,
+                 tokenize=None):
         self.latent_shape = tuple(latent_shape)
-        self.use_embeddings = use_embeddings
+        self.grids = grids
+        self.emb_width = emb_width
         self.text_length = text_length  # 0: pad text to the batch's longest caption
         self.tokenize = tokenize  # models.text_encoders.Tokenizer, or None
 
-    def sample(self, raw: RawSample):
+    def sample(self, raw: RawSample) -> LatentItem:
         m = raw.members
-        grid = grid_member(m.get("grid"), self.latent_shape[:2])
+        grid = grid_member(m.get("grid"), self.latent_shape[:2], self.grids)
         bits = m.get("bits")
         if bits is None or len(bits) != packed_size((*grid, self.latent_shape[2])):
             raise SkipSample("corrupt_bits")
         caption = m.get("txt", b"").decode("utf-8", "replace")
-        try:
-            meta = json.loads(m["json"].decode()) if "json" in m else {}
-        except ValueError:
-            raise SkipSample("corrupt_json") from None
-        label = meta.get("label")
-        item = [bits, caption, raw.key, label if isinstance(label, int) else -1, meta, grid]
-        if self.use_embeddings:
-            if "emb.npy" not in m:
-                raise SkipSample("missing_embedding")
-            item.append(load_npy(m["emb.npy"]))
-        return item
+        meta = json_member(m.get("json"))
+        emb = None if self.emb_width is None else embedding_member(m.get("emb.npy"), self.emb_width)
+        return LatentItem(bits, caption, raw.key, label_of(meta), meta, grid, emb)
 
-    def bucket(self, item) -> tuple[int, int]:
-        return item[5]
+    def bucket(self, item: LatentItem) -> tuple[int, int]:
+        return item.grid
 
-    def collate(self, items: list) -> dict:
-        columns = list(zip(*items))
-        grid = columns[5][0]  # one grid per batch (the stream's buckets)
+    def collate(self, items: list[LatentItem]) -> dict:
+        columns = LatentItem(*zip(*items))
+        grid = columns.grid[0]  # one grid per batch (the stream's buckets)
         # The batch crosses the worker -> trainer process boundary as numpy arrays, pickled by
         # value: packed bits are 8x fewer bytes than unpacked, and a 0.5 MiB copy is cheaper
         # than a shared-memory segment per tensor. `finish` makes tensors; the bits stay packed
         # until they are on the trainer's device (`unpack_bits_tensor`).
-        packed = np.frombuffer(bytearray().join(columns[0]), np.uint8).reshape(len(items), -1)
-        batch = {"packed": packed, "grid": grid, "caption": list(columns[1]), "key": list(columns[2]),
-                 "label": np.array(columns[3], np.int64), "json": list(columns[4])}
-        if self.use_embeddings:
-            embs = columns[6]
+        packed = np.frombuffer(bytearray().join(columns.bits), np.uint8).reshape(len(items), -1)
+        batch = {"packed": packed, "grid": grid, "caption": list(columns.caption), "key": list(columns.key),
+                 "label": np.array(columns.label, np.int64), "json": list(columns.meta)}
+        if self.emb_width is not None:
+            embs = columns.emb
             n = max(e.shape[0] for e in embs)
             if self.text_length:
                 if n > self.text_length:
-                    key = columns[2][[e.shape[0] for e in embs].index(n)]
+                    key = columns.key[[e.shape[0] for e in embs].index(n)]
                     raise ValueError(f"sample {key} has {n} text tokens, more than text_encoder.max_length "
                                      f"{self.text_length} that a compiled step pads to: set it to the encoder's")
                 n = self.text_length
@@ -218,7 +253,10 @@ def latent_loader(cfg: LatentsConfig, seed: int, fingerprint: str, latent_shape,
     rank, world_size = rank_and_world(rank, world_size)
     if not cfg.shards:
         raise ValueError("latents.shards is empty: set it to the latent shards' URL(s)")
-    check_manifests(cfg.shards, fingerprint, latent_shape, legacy_fingerprints)
-    decoder = LatentDecoder(latent_shape, cfg.use_embeddings, text_length, tokenize)
+    manifests = check_manifests(cfg.shards, fingerprint, latent_shape, legacy_fingerprints)
+    emb_width = None
+    if cfg.use_embeddings:  # D of the data set's embeddings: its null embedding's
+        emb_width = int(null_embedding(posixpath.dirname(expand_urls(cfg.shards)[0])).shape[1])
+    decoder = LatentDecoder(latent_shape, manifest_grids(manifests, latent_shape), emb_width, text_length, tokenize)
     dataset = ShardDataset(cfg.shards, decoder, cfg, seed, rank, world_size, finite)
     return ShardLoader(dataset, cfg.num_workers, pin_memory)

@@ -168,12 +168,16 @@ def _replan(slots_saved: list[dict], urls, seed: int, resampled: bool, new_slots
         for t in range(new_slots):
             plans[t][str(epoch)] = [list(p) for p in remaining[t::new_slots]]
     skipped = [Counter() for _ in range(new_slots)]
+    delivered = [0] * new_slots
+    versions = {u: v for state in slots_saved for u, v in state.get("versions", {}).items()}  # any slot may seek there
     pending: list[list] = [[] for _ in range(new_slots)]
     for slot, state in enumerate(slots_saved):  # the counts move along, so their sum over ranks is kept
         skipped[slot % new_slots].update(state.get("skipped", {}))
+        delivered[slot % new_slots] += state.get("delivered", 0)
         reread = open_window_pending(state)  # so do the waiting samples, but for the open window's: it is read again
         pending[slot % new_slots] += [r for r in state.get("pending", []) if r not in reread]
-    states = [{"epoch": first, "skipped": dict(skipped[t]), "plan": plans[t]} for t in range(new_slots)]
+    states = [{"epoch": first, "skipped": dict(skipped[t]), "delivered": delivered[t], "versions": versions,
+               "plan": plans[t]} for t in range(new_slots)]
     for state, waiting in zip(states, pending):
         if waiting:
             state["pending"] = waiting

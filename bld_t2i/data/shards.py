@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import fsspec
 import webdataset as wds
@@ -102,6 +103,17 @@ class RawSample:
     url: str
     offset: int  # byte offset of the sample's first tar header
     end: int  # byte offset just after its last member
+    # Why the sample cannot be used although the tar stream around it is sound (a member name that
+    # is not UTF-8): the reader's consumers count it as a skip with this reason.
+    damage: str | None = None
+
+
+class Member(NamedTuple):
+    start: int  # offset of the member's first header (GNU long-name or pax headers included)
+    end: int  # offset just after its data
+    name: str
+    data: bytes
+    damage: str | None  # see RawSample.damage
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -110,10 +122,33 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
 
 
-def _octal(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits (NUL/space padded), or GNU base-256 (first byte 0x80
+    positive, 0xff negative). ValueError for anything else: `int` alone would also take a sign,
+    underscores and inner spaces."""
+    if field[0] in (0x80, 0xFF):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else value
+    digits = field.strip(b"\0 ")
+    if not digits.isdigit():
+        if digits:
+            raise ValueError(field)
+        return 0
+    return int(digits, 8)
+
+
+def _checksum_ok(header: bytes | memoryview) -> bool:
+    """POSIX: the header's bytes summed with the 8-byte checksum field read as spaces; old
+    writers summed signed bytes, which tarfile also accepts."""
+    try:
+        stored = _number(bytes(header[148:156]))
+    except ValueError:
+        return False
+    unsigned = sum(header) - sum(header[148:156]) + 256
+    if stored == unsigned:
+        return True
+    signed = unsigned - 256 * sum(1 for b in header if b & 0x80) + 256 * sum(1 for b in header[148:156] if b & 0x80)
+    return stored == signed
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -136,18 +171,38 @@ def _gzip_errors(url: str, at: int):
         raise ShardError("corrupt_gzip", f"{url}: {e}") from None
 
 
-def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, bytes]]:
-    """Yield (start, end, name, data) for each regular file of a tar stream from `offset`.
+def _read_at_least(f, have: bytes, size: int) -> bytes:
+    """`have` plus reads of at most _READ_CHUNK until it holds `size` bytes or the file ends.
+    Memory follows the bytes that exist, not the size a header claims."""
+    parts, got = [have], len(have)
+    while got < size:
+        chunk = f.read(min(max(size - got, _READ_CHUNK), _READ_CHUNK * 16))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
-    `start` is the offset of the member's first header (GNU long-name or pax headers
-    included). A short read raises ShardError("truncated_tar"), a block that is not a
-    tar header ShardError("corrupt_tar"). The fields are read in place from a 1 MiB
-    buffer: this loop is the latent loader's hot path (~3 members per sample).
+
+_NAME_MAX = 1 << 16  # bytes of a GNU long name or a pax header: more is not a name but damage
+
+
+def iter_members(f, url: str, offset: int = 0, *, max_member_bytes: int) -> Iterator[Member]:
+    """Yield each regular file of a tar stream from `offset` as a Member.
+
+    Every header is checked before it is believed: the "ustar" magic, the checksum, and a size
+    that is a number in [0, max_member_bytes] (a garbled or hostile header must not make the
+    reader allocate or read gigabytes). A short read raises ShardError("truncated_tar"), a block
+    that is not a valid tar header ShardError("corrupt_tar"), a member over the bound
+    ShardError("oversized_member"): after any of them the rest of the stream cannot be trusted.
+    A name that is not UTF-8 only marks its member (`damage`). The fields are read in place from
+    a 1 MiB buffer: this loop is the latent loader's hot path (~3 members per sample).
     """
     with _gzip_errors(url, offset):
         f.seek(offset)
     buf, pos, base = b"", 0, offset  # buf[pos] is at file offset base + pos
     long_name: str | None = None
+    damage: str | None = None
     start = None
     while True:
         if pos + BLOCK > len(buf):
@@ -160,61 +215,71 @@ def iter_members(f, url: str, offset: int = 0) -> Iterator[tuple[int, int, str, 
                 raise ShardError("truncated_tar", f"{url}: truncated tar header at byte {base}")
         if buf[pos] == 0 and buf[pos : pos + BLOCK] == _ZERO_BLOCK:
             return
-        if buf[pos + 257 : pos + 262] != b"ustar":
-            raise ShardError("corrupt_tar", f"{url}: no tar header at byte {base + pos}")
+        header = memoryview(buf)[pos : pos + BLOCK]
+        if buf[pos + 257 : pos + 262] != b"ustar" or not _checksum_ok(header):
+            raise ShardError("corrupt_tar", f"{url}: no valid tar header at byte {base + pos} (magic or checksum)")
         try:
-            size = int(buf[pos + 124 : pos + 135], 8)  # 11 octal digits, as Python's tarfile and GNU tar write
+            size = _number(buf[pos + 124 : pos + 136])
         except ValueError:
-            try:
-                size = _octal(buf[pos + 124 : pos + 136])
-            except ValueError:
-                raise ShardError("corrupt_tar", f"{url}: bad member size at byte {base + pos}") from None
+            raise ShardError("corrupt_tar", f"{url}: bad member size at byte {base + pos}") from None
+        kind = buf[pos + 156]
+        limit = _NAME_MAX if kind in (76, 120, 103) else max_member_bytes
+        if not 0 <= size <= limit:
+            raise ShardError("oversized_member" if size > 0 else "corrupt_tar",
+                             f"{url}: the header at byte {base + pos} declares a member of {size} bytes "
+                             f"(allowed: 0 to {limit}, data.max_member_bytes / latents.max_member_bytes)")
         if start is None:
             start = base + pos
         stop = pos + BLOCK + ((size + BLOCK - 1) & ~(BLOCK - 1))
         if stop > len(buf):
             base += pos
             with _gzip_errors(url, base):
-                buf, stop = buf[pos:] + f.read(max(_READ_CHUNK, stop - len(buf))), stop - pos
+                buf, stop = _read_at_least(f, buf[pos:], stop - pos), stop - pos
             pos = 0
             if stop > len(buf):
                 name = long_name or buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 raise ShardError("truncated_tar", f"{url}: truncated member {name} at byte {base}", name)
         data = buf[pos + BLOCK : pos + BLOCK + size]
-        kind = buf[pos + 156]
         if kind in (48, 0, 55):  # "0", NUL, "7": a regular file
             if long_name is None:
                 nul = buf.find(b"\0", pos, pos + 100)
                 raw_name = buf[pos : nul if nul >= 0 else pos + 100]
                 if buf[pos + 345]:  # ustar prefix
                     raw_name = buf[pos + 345 : pos + 500].split(b"\0", 1)[0] + b"/" + raw_name
-                name = raw_name.decode("utf-8")
+                try:
+                    name = raw_name.decode("utf-8")
+                except UnicodeDecodeError:
+                    name, damage = raw_name.decode("utf-8", "replace"), "undecodable_name"
             else:
                 name = long_name
-            yield start, base + stop, name, data
-            long_name, start = None, None
+            yield Member(start, base + stop, name, data, damage)
+            long_name, start, damage = None, None, None
         elif kind == 76:  # "L": GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8")
+            try:
+                long_name = data.rstrip(b"\0").decode("utf-8")
+            except UnicodeDecodeError:
+                long_name, damage = data.rstrip(b"\0").decode("utf-8", "replace"), "undecodable_name"
         elif kind == 120:  # "x": pax extended header for the next member
             long_name = _pax_path(data) or long_name
         else:  # directories, links, global pax headers: not samples
-            long_name, start = None, None
+            long_name, start, damage = None, None, None
         pos = stop
 
 
-def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
+def iter_samples(f, url: str, offset: int = 0, *, max_member_bytes: int) -> Iterator[RawSample]:
     """Group consecutive members by key into samples (WebDataset's grouping)."""
     current: RawSample | None = None
     try:
-        for start, end, name, data in iter_members(f, url, offset):
+        for start, end, name, data, damage in iter_members(f, url, offset, max_member_bytes=max_member_bytes):
             key, ext = _split_name(name)
             if current is not None and key == current.key and ext not in current.members:
                 current.members[ext] = data
                 current.end = end
+                current.damage = current.damage or damage
                 continue
             if current is not None:
                 yield current
-            current = RawSample(key, {ext: data}, url, start, end)
+            current = RawSample(key, {ext: data}, url, start, end, damage)
     except ShardError as e:
         # The sample before the break is whole when the cut member belongs to the next one.
         if current is not None and e.member is not None and _split_name(e.member)[0] != current.key:
@@ -222,6 +287,15 @@ def iter_samples(f, url: str, offset: int = 0) -> Iterator[RawSample]:
         raise
     if current is not None:
         yield current
+
+
+def shard_version(url: str) -> str:
+    """"size:ETag" of an object, "size:mtime" of a local file: what changes when a shard is
+    rewritten under the same URL (a resume must not seek into the new bytes at old offsets)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
 
 class _GzipShard(gzip.GzipFile):
@@ -275,20 +349,43 @@ def remove_stale_temps(url: str) -> None:
             os.remove(stale)
 
 
-def publish(tmp: str, url: str) -> None:
-    """Move a finished local temp file to `url` atomically.
+def sync_file(path: str | os.PathLike) -> None:
+    """fsync a file (or a folder: its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Local: `os.replace` (atomic on one filesystem). Object storage: a single PUT (or a
-    multipart upload, completed in one request) - the object appears whole or not at all.
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder`, files before the folder that names them."""
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            sync_file(os.path.join(root, name))
+        sync_file(root)
+
+
+def publish(tmp: str, url: str) -> None:
+    """Move a finished local temp file to `url` atomically and durably; the temp file is removed
+    whatever happens.
+
+    Local: the file's bytes are synced, `os.replace` (atomic on one filesystem) publishes it,
+    and the folder is synced so that the new name survives a crash too. Object storage: a
+    single PUT (or a multipart upload, completed in one request) - the object appears whole
+    or not at all.
     """
     fs, path = fsspec.core.url_to_fs(url)
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)
-        return
     try:
-        fs.put_file(tmp, path)
+        if isinstance(fs, LocalFileSystem):
+            sync_file(tmp)
+            os.replace(tmp, path)
+            sync_file(os.path.dirname(os.path.abspath(path)))
+        else:
+            fs.put_file(tmp, path)
     finally:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_bytes(url: str) -> bytes:
@@ -328,8 +425,12 @@ class TarShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._tar.close()
-        self._file.close()
+        try:
+            self._tar.close()
+            self._file.close()
+        except BaseException:
+            os.remove(self._tmp)  # a failed last write (ENOSPC) publishes nothing and leaves nothing
+            raise
         if exc_type is None:
             publish(self._tmp, self.url)
         else:

@@ -31,6 +31,7 @@ logical worker. A finite mode (one epoch, last batch partial) serves encoding an
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -64,6 +65,26 @@ class SkipSample(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def json_member(data: bytes | None) -> dict:
+    """A sample's `.json` metadata: a JSON object, {} when absent; SkipSample("corrupt_json") for
+    bytes that are not one (not UTF-8, not JSON, a list, nested past the parser's recursion)."""
+    if not data:
+        return {}
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):
+        raise SkipSample("corrupt_json") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("corrupt_json")
+    return meta
+
+
+def label_of(meta: dict) -> int:
+    """The sample's class label: the .json "label" when it is a non-negative int, else -1."""
+    label = meta.get("label")
+    return label if type(label) is int and label >= 0 else -1
 
 
 def _raw_stream(pieces: list[Piece], pos: Position, read) -> Iterator[tuple[int, RawSample]]:
@@ -166,6 +187,8 @@ class ShardDataset(IterableDataset):
         self.decoder = decoder
         self.batch_size, self.window, self.resampled = cfg.batch_size, cfg.shuffle_window, cfg.resampled
         self.retry = Retry(cfg.read_retries, cfg.retry_backoff_s, cfg.retry_max_backoff_s)
+        self.max_member_bytes = cfg.max_member_bytes
+        self.max_skip_fraction, self.skip_check_after = cfg.max_skip_fraction, cfg.skip_check_after
         self.seed = seed
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, cfg.num_workers)
         self.finite = finite
@@ -189,7 +212,8 @@ class ShardDataset(IterableDataset):
         # A full epoch without one usable sample would spin forever: an error instead of a hang
         # (resampled: once every shard of the data set was drawn in such epochs).
         full_epoch, used, barren = pos == Position(pos.epoch) and pos.epoch not in planned, 0, set()
-        read = ShardReader(self.retry, skipped, failed)
+        read = ShardReader(self.retry, self.max_member_bytes, skipped, failed, dict(saved.get("versions", {})))
+        delivered = saved.get("delivered", 0)  # samples decoded by this logical worker, resume included
         buckets = self._restore_buckets(saved.get("pending", []), read)
         stream = sample_stream(self.pieces_of(saved, slot), read, self.seed, slot, self.window, pos, self.finite)
         for raw, at in stream:
@@ -199,23 +223,31 @@ class ShardDataset(IterableDataset):
                 else:
                     barren = set()
                 full_epoch, used = at.epoch not in planned, 0
+                waiting = {self.urls[ref[0]] for ref in buckets.pending()}  # the next epoch seeks only there
+                read.versions = {u: v for u, v in read.versions.items() if u in waiting}
                 continue
             try:
+                if raw.damage is not None:
+                    raise SkipSample(raw.damage)
                 item = self.decoder.sample(raw)
                 used += 1
+                delivered += 1
             except SkipSample as e:
                 if e.reason not in skipped:  # the first of each kind is logged; all are counted
-                    log.warning("skipping sample %s in %s: %s (further ones counted)", raw.key, raw.url, e.reason)
+                    log.warning("skipping sample %r in %s: %s (further ones counted)", raw.key, raw.url, e.reason)
                 skipped[e.reason] += 1
+                self._check_skips(delivered, skipped, worker)
                 continue
             window = at.window if at.emitted else at.window - 1  # `at` is the position after the sample
             ref = (self.shard_index[raw.url], raw.offset, at.epoch, window)
             items = buckets.add(self.decoder.bucket(item), ref, item)
             if items is not None:
-                yield self._batch(items, worker, at, skipped, failed, buckets.pending())
+                # the versions of the shards opened this epoch: a resume seeks into one of them
+                yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered,
+                                  dict(read.versions))
                 failed.clear()  # in place: the reader appends to this list
         for items in buckets.drain():
-            yield self._batch(items, worker, at, skipped, failed, buckets.pending())
+            yield self._batch(items, worker, at, skipped, failed, buckets.pending(), delivered, {})
 
     def _restore_buckets(self, pending: list, read: ShardReader) -> Buckets:
         """The buckets as saved: each waiting sample re-read alone from its byte offset."""
@@ -237,10 +269,25 @@ class ShardDataset(IterableDataset):
             raise RuntimeError(f"rank {self.rank} loader worker {worker}: a whole epoch of its shards gave no usable "
                                f"sample (skipped: {dict(skipped)}); failed reads: {failed}; shards: {shards}")
 
-    def _batch(self, items, worker, at: Position, skipped: Counter, failed: list, pending: list) -> dict:
+    def _check_skips(self, delivered: int, skipped: Counter, worker: int) -> None:
+        """Stop when more than max_skip_fraction of what this worker looked at was skipped: a run
+        must not train on a sliver of its data without anyone noticing."""
+        lost = sum(skipped.values())
+        seen = delivered + lost
+        if seen >= self.skip_check_after and lost > self.max_skip_fraction * seen:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+            raise RuntimeError(f"rank {self.rank} loader worker {worker}: {lost} of {seen} samples and shards read "
+                               f"from {self.spec} were skipped ({lost / seen:.1%}, more than max_skip_fraction "
+                               f"{self.max_skip_fraction}); reasons: {reasons}. Repair or drop the shards the "
+                               f"warnings name, or raise max_skip_fraction")
+
+    def _batch(self, items, worker, at: Position, skipped: Counter, failed: list, pending: list,
+               delivered: int, versions: dict[str, str]) -> dict:
+        self._check_skips(delivered, skipped, worker)  # the reader's skipped shards count too
         batch = self.decoder.collate(items)
         # `failed` holds the failures since the last batch: a flaky store must not grow every batch.
-        batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped), "failed": list(failed)}
+        batch["_position"] = {"worker": worker, **at._asdict(), "skipped": dict(skipped), "failed": list(failed),
+                              "delivered": delivered, "versions": versions}
         if pending:  # samples of other buckets read before `at`, not yet delivered
             batch["_position"]["pending"] = pending
         return batch

@@ -136,7 +136,7 @@ def decode_neighbours(pipe: BLDPipeline, out: Path, found: list[list[Neighbour]]
     todo, distinct = {}, set()
     for ns in found:
         for n in ns:
-            path = out / "neighbours" / Path(n.shard).stem / f"{n.key}.png"
+            path = out / n.thumbnail
             distinct.add(path)
             if not path.is_file():
                 todo[path] = n
@@ -154,7 +154,7 @@ def neighbour_records(found: list[list[Neighbour]], rows: list[PromptRow], opts:
     N, per_setting = opts.images_per_prompt, opts.images_per_prompt * len(rows)
     return {s.name: {row.id: [[
         {"key": n.key, "caption": n.caption, "label": n.label, "shard": n.shard, "distance": n.distance,
-         "image": f"neighbours/{Path(n.shard).stem}/{n.key}.png"} for n in found[k * per_setting + r * N + i]]
+         "image": n.thumbnail} for n in found[k * per_setting + r * N + i]]
         for i in range(N)] for r, row in enumerate(rows)} for k, s in enumerate(opts.settings)}
 
 

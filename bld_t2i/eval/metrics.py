@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bld_t2i.config import StreamConfig
 from bld_t2i.data.images import ImageDecoder
 from bld_t2i.data.shards import ShardError, expand_urls, iter_samples, open_shard
 from bld_t2i.data.stream import SkipSample
@@ -101,8 +102,10 @@ def read_images(spec: str, size: int, limit: int, desc: str = "images") -> tuple
         for url in expand_urls(spec):
             with open_shard(url) as f:
                 try:
-                    for raw in iter_samples(f, url):
+                    for raw in iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes):
                         try:
+                            if raw.damage is not None:
+                                continue
                             image, _, _, label, _ = decoder.sample(raw)
                         except SkipSample:
                             continue

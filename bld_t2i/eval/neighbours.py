@@ -16,18 +16,36 @@ decodes them once and keeps the features in its cache, bld_t2i/eval/cache.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from bld_t2i.config import StreamConfig
 from bld_t2i.data.latents import pack_bits, packed_size, read_manifest, unpack_bits
 from bld_t2i.data.shards import ShardError, iter_samples, join, open_shard
 from bld_t2i.progress import progress
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)  # bits set in each byte value
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def file_name(text: str) -> str:
+    """A file name for a sample key or a shard name read from the data: the text itself when it
+    is a plain name, else its safe characters and 8 hex digits of its hash (distinct keys stay
+    distinct). A key like '../../x' or '/etc/x' never names a file outside the folder."""
+    if _SAFE_NAME.fullmatch(text) and text not in (".", ".."):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{_UNSAFE_CHARS.sub('_', text).strip('._')[:80]}-{digest}"
 
 
 @dataclass
@@ -37,6 +55,11 @@ class Neighbour:
     label: int  # the sample's class label (its .json "label"), -1 without one
     shard: str
     distance: int | float  # differing bits (Hamming), or 1 - cosine similarity (CLIP)
+
+    @property
+    def thumbnail(self) -> str:
+        """Its decoded image's path in the evaluation folder (names from the data made safe)."""
+        return f"neighbours/{file_name(Path(self.shard).stem)}/{file_name(self.key)}.png"
     packed: bytes  # its packed latent, to decode for the report
 
 
@@ -79,7 +102,7 @@ def read_latent_shard(url: str, nbytes: int) -> LatentShard:
     packed, keys, captions, labels = [], [], [], []
     with open_shard(url) as f:
         try:
-            for raw in iter_samples(f, url):
+            for raw in iter_samples(f, url, max_member_bytes=StreamConfig.max_member_bytes):
                 bits = raw.members.get("bits")
                 if bits is None or len(bits) != nbytes:
                     raise ValueError(f"{url}: sample '{raw.key}' has no .bits member of {nbytes} bytes")

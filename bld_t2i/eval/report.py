@@ -47,11 +47,19 @@ img.thumb { width: 64px; height: 64px; image-rendering: pixelated; }
 
 
 def _e(value) -> str:
+    """Every value the page shows goes through here: captions, keys, prompts and the configs of
+    the folders read (a classifier's, a model's) are untrusted text."""
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value, pattern: str) -> str:
-    return "" if value is None else pattern.format(value)
+def _fmt(value, pattern: str = "{}") -> str:
+    """A number by `pattern`; anything else (a hostile config's string where a number belongs)
+    escaped as text."""
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _e(pattern.format(value))
+    return _e(value)
 
 
 def _metrics_table(report: dict) -> str:
@@ -60,9 +68,11 @@ def _metrics_table(report: dict) -> str:
              f"<th>images</th>{head}</tr>"]
     for s in report["settings"]:
         cells = "".join(f"<td>{_fmt(s.get(key), pattern)}</td>" for key, _, pattern in SETTING_COLUMNS)
-        interval = "{:g}-{:g}".format(*s["guidance_interval"]) if s["guidance"] else ""  # w = 0 guides nowhere
-        lines.append(f"<tr><td>{_e(s['setting'])}</td><td>{s['steps']}</td><td>{s['guidance']:g}</td><td>{interval}</td>"
-                     f"<td>{s['temperature']:g}</td><td>{s['images']}</td>{cells}</tr>")
+        lo, hi = s["guidance_interval"]
+        interval = f"{_fmt(lo, '{:g}')}-{_fmt(hi, '{:g}')}" if s["guidance"] else ""  # w = 0 guides nowhere
+        lines.append(f"<tr><td>{_e(s['setting'])}</td><td>{_fmt(s['steps'])}</td><td>{_fmt(s['guidance'], '{:g}')}</td>"
+                     f"<td>{interval}</td><td>{_fmt(s['temperature'], '{:g}')}</td><td>{_fmt(s['images'])}</td>"
+                     f"{cells}</tr>")
     lines.append("</table>")
     return "\n".join(lines)
 
@@ -72,13 +82,13 @@ def _metric_notes(report: dict) -> str:
     if "classifier" in report:
         c = report["classifier"]
         notes.append(f"class accuracy: the fraction of samples that the classifier {_e(c['path'])} labels with their "
-                     f"prompt's class; the same classifier on {c.get('images', '?')} held-out real images "
-                     f"({_e(c.get('shards', ''))}): <b>{c.get('accuracy', float('nan')):.3f}</b>"
+                     f"prompt's class; the same classifier on {_fmt(c.get('images', '?'))} held-out real images "
+                     f"({_e(c.get('shards', ''))}): <b>{_fmt(c.get('accuracy', float('nan')), '{:.3f}')}</b>"
                      + (f", on their autoencoder reconstructions: "
-                        f"<b>{c['reconstructed_accuracy']:.3f}</b>" if "reconstructed_accuracy" in c else ""))
+                        f"<b>{_fmt(c['reconstructed_accuracy'], '{:.3f}')}</b>" if "reconstructed_accuracy" in c else ""))
     seen = next((s["seen_prompts"] for s in report["settings"] if "seen_prompts" in s), None)
     if seen is not None:
-        notes.append(f"recall@k: the fraction of the samples of the {seen} seen prompts (caption, or class label, "
+        notes.append(f"recall@k: the fraction of the samples of the {_fmt(seen)} seen prompts (caption, or class label, "
                      "in the training set) whose k nearest training latents (Hamming) include one of that caption")
     if any("bit_rate_diff_mean" in s for s in report["settings"]):
         notes.append("bit rate: the fraction of ones per latent channel, samples against the training latents; "
@@ -95,8 +105,8 @@ def _timing_table(report: dict) -> str:
     lines = ["<table id='timing'><tr><th>steps</th><th>generation s/sample</th><th>decode s/sample</th>"
              "<th>samples timed</th></tr>"]
     for steps, t in sorted(report["timing_by_steps"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"<tr><td>{_e(steps)}</td><td>{t['generation_s_per_sample']:.4f}</td>"
-                     f"<td>{t['decode_s_per_sample']:.4f}</td><td>{t['samples_timed']}</td></tr>")
+        lines.append(f"<tr><td>{_e(steps)}</td><td>{_fmt(t['generation_s_per_sample'], '{:.4f}')}</td>"
+                     f"<td>{_fmt(t['decode_s_per_sample'], '{:.4f}')}</td><td>{_fmt(t['samples_timed'])}</td></tr>")
     lines.append("</table>")
     return "\n".join(lines)
 
@@ -118,7 +128,7 @@ def _neighbour_rows(row, settings, n_images: int, neighbours: dict) -> str:
                         f"alt='sample {i}'><figcaption>sample {i}</figcaption></figure>"]
                 for n in found[i]:
                     figs.append(f"<figure><img class='thumb' src='{_e(n['image'])}' alt='{_e(n['key'])}' "
-                                f"title='{_e(n['caption'])}'><figcaption>{n['distance']}<br>{_e(n['key'])}"
+                                f"title='{_e(n['caption'])}'><figcaption>{_fmt(n['distance'])}<br>{_e(n['key'])}"
                                 "</figcaption></figure>")
                 parts.append(f"<div class='nn'>{''.join(figs)}</div>")
     return "\n".join(parts)
@@ -131,13 +141,13 @@ def _inpainting_section(inpainting: dict, rows, settings) -> str:
                      for name, label in (("input", "original"), ("reconstruction", "autoencoder reconstruction"),
                                          ("mask", "mask (white = regenerate)")))
     body = ["<h2 id='inpainting'>Inpainting</h2>",
-            f"<p>image {_e(inpainting['image'])}, mask {_e(inpainting['mask'])}: {inpainting['kept_cells']} of "
-            f"{inpainting['cells']} latent cells kept; every sample uses the seed of the same sample above</p>",
+            f"<p>image {_e(inpainting['image'])}, mask {_e(inpainting['mask'])}: {_fmt(inpainting['kept_cells'])} of "
+            f"{_fmt(inpainting['cells'])} latent cells kept; every sample uses the seed of the same sample above</p>",
             f"<div class='settings'>{inputs}</div>"]
     for row in rows:
         cells = "".join(f"<figure class='setting'><img src='inpaint/grids/{_e(s.name)}/{_e(row.id)}.png' "
                         f"alt='{_e(row.prompt)} {_e(s.name)} inpainted'><figcaption>{_e(s.name)} known bits kept "
-                        f"{per_setting[s.name]['known_bits_kept']:.3f}</figcaption></figure>" for s in settings)
+                        f"{_fmt(per_setting[s.name]['known_bits_kept'], '{:.3f}')}</figcaption></figure>" for s in settings)
         body.append(f"<div class='prompt'><h3>{_e(row.prompt)} <small>({_e(row.id)})</small></h3>"
                     f"<div class='settings'>{cells}</div></div>")
     return "\n".join(body)
@@ -148,8 +158,8 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
     prompts = {p["id"]: p for p in report["prompts"]}
     skipped = "".join(f"<li class='skipped'>{_e(k)}: skipped ({_e(v)})</li>" for k, v in report["skipped"].items())
     body = [f"<h1>Evaluation of {_e(report['model'])}</h1>",
-            f"<p>sheet {_e(report['sheet'])}; {len(rows)} prompts x {n_images} images; seed {report['seed']}; "
-            f"{report['latent_bits']} latent bits; conditioning {_e(report['conditioning'])}</p>",
+            f"<p>sheet {_e(report['sheet'])}; {len(rows)} prompts x {n_images} images; seed {_fmt(report['seed'])}; "
+            f"{_fmt(report['latent_bits'])} latent bits; conditioning {_e(report['conditioning'])}</p>",
             "<h2>Metrics</h2>", _metrics_table(report), _metric_notes(report),
             f"<ul>{skipped}</ul>" if skipped else "", "<h2>Reused and computed</h2>" if report.get("reuse") else "",
             _reuse_list(report),
@@ -165,14 +175,14 @@ def render_report(report: dict, rows, settings, n_images: int, neighbours: dict)
             for s in settings:
                 stats = []
                 if s.name in p["diversity"]:
-                    stats.append(f"diversity {p['diversity'][s.name]:.3f}")
+                    stats.append(f"diversity {_fmt(p['diversity'][s.name], '{:.3f}')}")
                 if s.name in p["clip_score"]:
-                    stats.append(f"CLIP {p['clip_score'][s.name]:.2f}")
+                    stats.append(f"CLIP {_fmt(p['clip_score'][s.name], '{:.2f}')}")
                 if s.name in p.get("class_accuracy", {}):
-                    stats.append(f"class accuracy {p['class_accuracy'][s.name]:.2f}")
+                    stats.append(f"class accuracy {_fmt(p['class_accuracy'][s.name], '{:.2f}')}")
                 cells.append(f"<figure class='setting'><img src='grids/{_e(s.name)}/{_e(row.id)}.png' "
                              f"alt='{_e(row.prompt)} {_e(s.name)}'><figcaption>{_e(s.name)} "
-                             f"{_e(', '.join(stats))}</figcaption></figure>")
+                             f"{', '.join(stats)}</figcaption></figure>")
             body.append(f"<div class='prompt' id='p-{_e(row.id)}'><h3>{_e(row.prompt)} "
                         f"<small>({_e(row.id)})</small></h3><div class='settings'>{''.join(cells)}</div>"
                         f"{_neighbour_rows(row, settings, n_images, neighbours)}</div>")

@@ -4,7 +4,7 @@ Layout of the output folder:
 
     images/{setting}/{prompt id}/{i:03d}.png   the samples, and {i:03d}.bits their packed latents
     grids/{setting}/{prompt id}.png             one grid per prompt and setting
-    neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours)
+    neighbours/{shard}/{key}.png                decoded nearest training latents (with --neighbours; safe names)
     timing/rank{r}.json                         generation and decode seconds per setting, per rank
     metrics.json, metrics.csv, prompts.csv, neighbours.json, index.html
     inpaint/images/..., inpaint/grids/...       with an inpainting image and mask: the same layout,
@@ -277,6 +277,11 @@ def evaluate(pipe: BLDPipeline, rows: list[PromptRow], out: str | Path, opts: Ev
     inpainting = read_inpainting(opts, pipe)
     generate(pipe, rows, out, opts, inpainting)
     D.barrier()
-    report = measure(pipe, rows, out, opts, inpainting) if D.dist_info().is_main else None
-    D.barrier()
+    report = None
+
+    def measure_on_main() -> None:  # cold caches (reference features, CLIP neighbours) can take hours
+        nonlocal report
+        report = measure(pipe, rows, out, opts, inpainting)
+
+    D.main_work(measure_on_main, "measuring the samples")
     return report

@@ -33,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from bld_t2i.config import AutoencoderConfig
+from bld_t2i.data.shards import sync_file, sync_tree
 from bld_t2i.models.ae_blocks import Decoder, Encoder
 
 CONFIG_FILE = "config.json"
@@ -234,10 +235,16 @@ class BinaryAutoencoder(nn.Module):
         data = self._weights_bytes()
         fingerprint = self.fingerprint
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        (tmp / WEIGHTS_FILE).write_bytes(data)
-        config = {"arch": dataclasses.asdict(self.arch), "fingerprint": fingerprint, "encoder_of": list(self.encoder_of)}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        (tmp / WEIGHTS_SHA_FILE).write_text(hashlib.sha256(data).hexdigest() + "\n")
+        try:
+            (tmp / WEIGHTS_FILE).write_bytes(data)
+            config = {"arch": dataclasses.asdict(self.arch), "fingerprint": fingerprint,
+                      "encoder_of": list(self.encoder_of)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (tmp / WEIGHTS_SHA_FILE).write_text(hashlib.sha256(data).hexdigest() + "\n")
+            sync_tree(tmp)  # on disk before the rename publishes it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (ENOSPC) leaves no temp folder
+            raise
         if folder.exists():  # replace an older export: move it aside first so the swap is one rename
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
@@ -245,6 +252,7 @@ class BinaryAutoencoder(nn.Module):
             shutil.rmtree(old)
         else:
             os.replace(tmp, folder)
+        sync_file(folder.parent)
         return fingerprint
 
     @classmethod
@@ -275,8 +283,9 @@ class BinaryAutoencoder(nn.Module):
             state = load_safetensors(data)
         except SafetensorError as e:
             raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        with torch.device("meta"):  # the config checked against the weights before it allocates anything
+            check_state_dict(cls(arch, encoder_of), state, weights_path)
         model = cls(arch, encoder_of)
-        check_state_dict(model, state, weights_path)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 

@@ -2,6 +2,8 @@
 
     <out_dir>/checkpoints/step_000000123/   one folder per checkpoint, written as `.tmp`
         client.pt                             trainer state, data positions and RNG of every rank, config
+                                              (tensors and plain data: loaded with weights_only=True)
+        COMPLETE                              written last: the folder is whole
         trainer.json                          the trainer state, readable
         model.safetensors, config.json        the consolidated EMA weights (the export)
         <backend files>                       DeepSpeed: the engine's shards, written by every rank;
@@ -15,6 +17,7 @@ atomically, so a crash mid-save leaves the previous checkpoint as the one to res
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +57,13 @@ class Checkpointer:
         folder = self.latest()
         return None if folder is None else self._client(folder)
 
-    def save(self, step: int, client: dict, write_extra: Callable[[Path], None] | None = None) -> Path:
+    def save(self, step: int, client: dict, write_extra: Callable[[Path], None] | None = None,
+             before_publish: Callable[[], None] | None = None) -> Path:
         """A collective. `client` is this rank's part, gathered into lists per key except
         `trainer` and `config` (rank 0's); `write_extra(folder)` adds rank 0's own files (no
-        collectives in it: consolidate what needs every rank before calling save)."""
+        collectives in it: consolidate what needs every rank before calling save);
+        `before_publish()` may raise to keep the folder from being published (the run lock's
+        ownership check)."""
         info = D.dist_info()
         tag = files.step_tag(step)
         tmp = self.dir / f"{tag}.tmp"
@@ -75,6 +81,8 @@ class Checkpointer:
             files.atomic_write_text(tmp / "trainer.json", json.dumps(gathered["trainer"], indent=2))
             if write_extra is not None:
                 write_extra(tmp)
+            if before_publish is not None:
+                before_publish()
             files.publish(tmp, self.dir / tag)
             files.rotate(self.dir, self.keep)
         D.barrier()
@@ -91,13 +99,8 @@ class Checkpointer:
             return None
         if self.engine is not None:
             load_dir, tag = str(self.dir), folder.name
-            if self.universal:  # written by another number of ranks: merge its partitions once
-                if D.dist_info().is_main and not (folder / UNIVERSAL).is_dir():
-                    tmp = folder / f"{UNIVERSAL}.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed half way
-                    D.to_universal(str(folder), str(tmp))
-                    tmp.rename(folder / UNIVERSAL)
-                D.barrier()
+            if self.universal:  # written by another number of ranks: merge its partitions once, on rank 0
+                D.main_work(lambda: _make_universal(folder), f"converting {folder} to a universal checkpoint")
                 load_dir, tag = str(folder), UNIVERSAL
             path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
             if path is None:
@@ -118,9 +121,22 @@ class Checkpointer:
         return client
 
 
+def _make_universal(folder: Path) -> None:
+    """DeepSpeed's universal form of a checkpoint folder, made once (minutes for a large model)."""
+    if (folder / UNIVERSAL).is_dir():
+        return
+    tmp = folder / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that crashed half way
+    D.to_universal(str(folder), str(tmp))
+    files.sync_tree(tmp)
+    tmp.rename(folder / UNIVERSAL)
+
+
 def _load(path: Path) -> dict:
+    """A checkpoint file holds tensors, dicts, lists and numbers only: torch's weights_only
+    loader never runs code from the file (a run folder may be shared or copied)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RuntimeError(f"cannot resume: {path} is unreadable ({e}); delete its folder to resume from the one "
-                           "before") from e
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise RuntimeError(f"cannot resume: {path} is unreadable or holds more than tensors and plain data ({e}); "
+                           f"delete {path.parent} to resume from the checkpoint before") from e

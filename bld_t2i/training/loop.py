@@ -150,6 +150,16 @@ def fit(cfg: Config, task: Task) -> Path | None:
     device = D.pick_device(tc.device)
     info = D.init(device, tc.collective_timeout_s)
     lock = _lock(out, info)
+    try:
+        return _train(cfg, task, out, device, info, lock)
+    except BaseException:
+        if lock is not None:  # a failed run lets a rerun in at once (and stops the heartbeat thread)
+            lock.release()
+        raise
+
+
+def _train(cfg: Config, task: Task, out: Path, device: torch.device, info, lock: RunLock | None) -> Path | None:
+    tc = cfg.train
     D.install_stop_handlers()
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     micro = task.micro_batch(cfg)
@@ -210,6 +220,8 @@ def fit(cfg: Config, task: Task) -> Path | None:
         if not sync["done"] and state["step"] % tc.stop_check_every_steps == 0:
             sync["stop"] = stop_flag.poll()
         stop = sync["stop"]
+        if lock is not None:
+            lock.raise_if_lost()  # the heartbeat found another run in our folder: write nothing more
         done = state["samples"] >= tc.total_samples or bool(tc.max_steps and state["step"] >= tc.max_steps)
         if _crossed(tc.log_every_samples, state["samples"], per_step) or done:
             _log(task, parts, logger, state, stats, clock, lr, bar)
@@ -217,7 +229,7 @@ def fit(cfg: Config, task: Task) -> Path | None:
             _validate(task, parts, logger, state, bar)
         sample = parts.on_sample is not None and _crossed(tc.sample_every_samples, state["samples"], per_step)
         if stop or done or sample or _crossed(tc.ckpt_every_samples, state["samples"], per_step):
-            folder = _save(parts, cfg, state)
+            folder = _save(parts, cfg, state, lock)
             bar.write(f"[{task.name}] checkpoint {folder}")
             if sample and logger:
                 parts.on_sample(folder, logger, {"samples": state["samples"], "step": state["step"]})
@@ -316,18 +328,22 @@ def _validate(task: Task, parts: Parts, logger: StatsLogger | None, state: dict,
         bar.write(f"[{task.name}] validation at {state['samples']} samples: {shown}")
 
 
-def _save(parts: Parts, cfg: Config, state: dict) -> Path:
-    """A checkpoint of everything a resume needs (a collective)."""
+def _save(parts: Parts, cfg: Config, state: dict, lock: RunLock | None) -> Path:
+    """A checkpoint of everything a resume needs (a collective); published only while rank 0
+    still holds the run's lock."""
     ema_state = parts.ema.full_state()  # a collective itself: before rank 0 writes alone
     client = {"trainer": dict(state), "config": to_dict(cfg), "loader": parts.loader.state_dict(),
               "rng": torch.get_rng_state()}
     sub = parts.export_subdir
-    return parts.checkpointer.save(state["step"], client, lambda tmp: parts.export(ema_state, tmp / sub))
+    return parts.checkpointer.save(state["step"], client, lambda tmp: parts.export(ema_state, tmp / sub),
+                                   before_publish=None if lock is None else lock.check)
 
 
 def _finish(task: Task, parts: Parts, logger, state: dict, stop: bool, out: Path, lock: RunLock | None) -> Path | None:
     export = out / EXPORT_DIR
     if not stop and D.dist_info().is_main:
+        if lock is not None:
+            lock.check()
         latest = parts.checkpointer.latest()
         src = latest / parts.export_subdir
         names = parts.export_files or [f.name for f in src.iterdir() if f.is_file()]
