@@ -189,7 +189,7 @@ def _train(cfg: Config, task: Task, out: Path, device: torch.device, info, lock:
     # rank 0's bar (samples/s, loss, ETA) on a terminal; a plain line every 30 s in a log
     bar = progress(total=tc.total_samples, initial=state["samples"], desc=task.name, unit="samples")
     if state["samples"] == 0:  # the starting point: random or `init.from`'s weights
-        _validate(task, parts, logger, state, bar)
+        _validate(task, parts, logger, state, bar, clock)
 
     def guard(bad: torch.Tensor) -> bool:  # the step's one collective: stop flag and NaN flag together
         sync["stop"], any_bad = D.agree(device, bad)
@@ -226,7 +226,7 @@ def _train(cfg: Config, task: Task, out: Path, device: torch.device, info, lock:
         if _crossed(tc.log_every_samples, state["samples"], per_step) or done:
             _log(task, parts, logger, state, stats, clock, lr, bar)
         if not stop and (done or _crossed(cfg.val.every_samples, state["samples"], per_step)):
-            _validate(task, parts, logger, state, bar)
+            _validate(task, parts, logger, state, bar, clock)
         sample = parts.on_sample is not None and _crossed(tc.sample_every_samples, state["samples"], per_step)
         if stop or done or sample or _crossed(tc.ckpt_every_samples, state["samples"], per_step):
             folder = _save(parts, cfg, state, lock)
@@ -274,7 +274,7 @@ class _KeyAudit:
 
 
 class _Clock:
-    """Wall time and data-wait time since the last log line."""
+    """Wall time (validation left out) and data-wait time since the last log line."""
 
     def __init__(self, samples: int):
         self.t, self.samples, self.data_s = time.time(), samples, 0.0
@@ -317,11 +317,14 @@ def _log(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, stat
         bar.write(f"[{task.name}] step {state['step']} samples {state['samples']} lr {lr:.2e} {shown}")
 
 
-def _validate(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, bar) -> None:
-    """A `val/*` line of stats.jsonl (and wandb), the same on the console."""
+def _validate(task: Task, parts: Parts, logger: StatsLogger | None, state: dict, bar, clock: _Clock) -> None:
+    """A `val/*` line of stats.jsonl (and wandb), the same on the console; its time is left out
+    of the training throughput."""
     if parts.validate is None:
         return
+    start = time.time()
     record = parts.validate()
+    clock.t += time.time() - start
     if logger is not None:
         logger.log({"step": state["step"], "samples": state["samples"], **record}, state["step"])
         shown = " ".join(f"{k[len('val/'):]}={v:.5g}" for k, v in record.items() if isinstance(v, float))
