@@ -30,6 +30,7 @@ from bld_t2i import distributed as D
 
 CLIENT = "client.pt"
 STATES = "states.pt"
+TRAINER = "trainer.json"  # the trainer state, readable; only a checkpoint folder has it
 UNIVERSAL = "universal"  # DeepSpeed's universal form of a folder, made when another world size resumes it
 
 
@@ -78,7 +79,7 @@ class Checkpointer:
             if self.states:
                 files.atomic_torch_save({n: s.state_dict() for n, s in self.states.items()}, tmp / STATES)
             files.atomic_torch_save(gathered, tmp / CLIENT)
-            files.atomic_write_text(tmp / "trainer.json", json.dumps(gathered["trainer"], indent=2))
+            files.atomic_write_text(tmp / TRAINER, json.dumps(gathered["trainer"], indent=2))
             if write_extra is not None:
                 write_extra(tmp)
             if before_publish is not None:

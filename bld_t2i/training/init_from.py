@@ -36,12 +36,12 @@ from bld_t2i import distributed as D
 from bld_t2i.config.schema import InitConfig
 from bld_t2i.models.binary_ae import AEArch, BinaryAutoencoder
 from bld_t2i.models.denoiser_blocks import resize_pos_embed
-from bld_t2i.pretrained import read_json
+from bld_t2i.pretrained import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, read_json
+from bld_t2i.training.checkpointer import STATES, TRAINER
 
 Part = Literal["denoiser", "autoencoder"]
 POSITION_TABLE = "pos_embed"  # the denoiser's (1, h*w, D) table, resized to the new grid
-INDEX_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE = "model_index.json", "config.json", "model.safetensors", "trainer.json"
-STATES_FILE, AE_SUBDIR = "states.pt", "autoencoder"  # the autoencoder trainer's checkpoint files
+AE_SUBDIR = "autoencoder"  # a pipeline export's part and an autoencoder checkpoint's export (training/autoencoder.py)
 SHOWN = 8  # key names an error or log line lists before "and N more"
 
 
@@ -146,12 +146,12 @@ def read_source(path: str, part: Part, use_ema: bool = True) -> Source:
     if not folder.is_dir():
         raise FileNotFoundError(f"init.from: {folder} is not a folder (an export, a checkpoints/step_* "
                                 "folder or a run folder)")
-    if (folder / "checkpoints").is_dir() and not (folder / TRAINER_FILE).is_file():
+    if (folder / "checkpoints").is_dir() and not (folder / TRAINER).is_file():
         latest = files.read_latest(folder / "checkpoints")
         if latest is None:
             raise FileNotFoundError(f"init.from: run folder {folder} has no complete checkpoint (checkpoints/latest)")
         folder = latest
-    checkpoint = (folder / TRAINER_FILE).is_file()
+    checkpoint = (folder / TRAINER).is_file()
     if not use_ema and not checkpoint:
         raise ValueError(f"init.use_ema=false needs a checkpoint folder (the raw training weights); {folder} is an "
                          "export, which holds the EMA weights only")
@@ -171,9 +171,9 @@ def read_source(path: str, part: Part, use_ema: bool = True) -> Source:
 
 def _autoencoder_source(folder: Path, checkpoint: bool, use_ema: bool) -> Source:
     if checkpoint and not use_ema:
-        path = folder / STATES_FILE
+        path = folder / STATES
         if not path.is_file():
-            raise FileNotFoundError(f"init.from: {folder} is not an autoencoder checkpoint (no {STATES_FILE})")
+            raise FileNotFoundError(f"init.from: {folder} is not an autoencoder checkpoint (no {STATES})")
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         return Source(state, f"{folder} (raw training weights)", None, ())
     for candidate in (folder / AE_SUBDIR, folder):  # a pipeline export or a checkpoint: its autoencoder/

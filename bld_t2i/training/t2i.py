@@ -128,12 +128,12 @@ class T2ITask:
             null_emb = null_embedding(posixpath.dirname(expand_urls(cfg.latents.shards)[0]))  # (N, D)
         text_dim = null_emb.shape[-1] if null_emb is not None else (text_encoder.dim if text_encoder else 0)
         model = Denoiser(cfg.denoiser, latent_shape, text_dim).to(device)
+        n_params = sum(p.numel() for p in model.parameters())
         D.print0(f"[train] world size {info.world_size}; denoiser {cfg.denoiser.preset} "
-                 f"({len(model.blocks)}x{model.width}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+                 f"({len(model.blocks)}x{model.width}, {n_params / 1e6:.2f}M params), "
                  f"latents {latent_shape}, ZeRO-{cfg.train.zero_stage}, {cfg.train.precision}, grad_accum {grad_accum}")
         if resume_world is None and cfg.init.from_:  # a fresh start from another run's weights
             load_initial_weights(model, cfg.init, "denoiser", grid=latent_shape[:2])
-        n_params = sum(p.numel() for p in model.parameters())
         if cfg.train.compile:
             model.compile()
         optimizer = optimizer_for(model, cfg)
